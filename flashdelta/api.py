@@ -22,8 +22,9 @@ MODES = ("auto", "chunk", "recurrent")
 
 # `mode="auto"` runs the recurrent path when a sequence has at most this many tokens (mean
 # length for varlen). Measured with benchmarks/dispatch_threshold.py (NOTES.md): on the CPU
-# (2 cores, H=4, K=V=64) recurrent wins up to T=4-6, chunked from T=8 on.
-RECURRENT_MAX_TOKENS = {"torch": 6}
+# (2 cores, H=4, K=V=64) recurrent wins up to T=4-6, chunked from T=8 on. Triton: measured
+# on the GPU (NOTES.md).
+RECURRENT_MAX_TOKENS = {"torch": 6, "triton": 32}
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

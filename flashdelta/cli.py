@@ -1,4 +1,4 @@
-"""`flashdelta check`: the parity table against the float64 oracle."""
+"""`flashdelta check` (parity table against the float64 oracle) and `flashdelta bench`."""
 
 from __future__ import annotations
 
@@ -61,8 +61,13 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="parity of every path against the float64 token loop")
     check.add_argument("--seed", type=int, default=0)
+    from .bench import add_arguments, run_bench
+
+    add_arguments(sub.add_parser("bench", help="time every path (and the peers) against the hardware floor"))
     args = parser.parse_args(argv)
-    return 1 if run_check(args.seed) else 0
+    if args.command == "check":
+        return 1 if run_check(args.seed) else 0
+    return run_bench(args)
 
 
 if __name__ == "__main__":

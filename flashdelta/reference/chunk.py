@@ -41,12 +41,16 @@ def chunk_dense(q, k, v, g, beta, scale, h0, chunk_size: int = CHUNK_SIZE):
     g, beta = (_to_chunks(x, chunk_size) for x in (g, beta))  # [N, HV, NC, C]
     num_chunks = q.shape[2]
 
-    gate = g.cumsum(-1)  # G_i, within the chunk
+    # G_i within the chunk, and its differences, in float64: under strong decay |G| ~ 1e3 and
+    # G_C - G_j, G_i - G_j are small differences of large numbers (fp32 loses recent tokens).
+    gate64 = g.double().cumsum(-1)
+    gate = gate64.to(g.dtype)
     idx = torch.arange(chunk_size, device=q.device)
     causal = idx[:, None] >= idx[None, :]
     strict = idx[:, None] > idx[None, :]
     # exp(G_i - G_j) only where j <= i, so every exponent is <= 0 (never exp(-G)).
-    decay = (gate[..., :, None] - gate[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    diff = (gate64[..., :, None] - gate64[..., None, :]).to(g.dtype)
+    decay = diff.masked_fill(~causal, float("-inf")).exp()
 
     a_kk = (k @ k.transpose(-1, -2)) * decay * beta[..., :, None]
     a_kk = a_kk.masked_fill(~strict, 0.0)
@@ -58,7 +62,7 @@ def chunk_dense(q, k, v, g, beta, scale, h0, chunk_size: int = CHUNK_SIZE):
     w, u_prime = sol[..., :dk], sol[..., dk:]
 
     gate_last = gate[..., -1]  # G_C per chunk
-    k_tilde = k * (gate_last[..., None] - gate).exp()[..., None]  # exp(G_C - G_j) <= 1
+    k_tilde = k * (gate64[..., -1:] - gate64).to(g.dtype).exp()[..., None]  # exp(G_C - G_j) <= 1
     q_gated = q * gate.exp()[..., None]
 
     state = q.new_zeros(n, hv, dk, dv) if h0 is None else h0

@@ -1,0 +1,491 @@
+"""`flashdelta bench`: time our paths and the peers' side by side, against the hardware floor.
+
+One run measures the two ceilings (device copy bandwidth, read + write; matmul rate on
+random data), then per shape and implementation: the median time, the floor
+max(bytes / bandwidth, FLOPs / matmul rate) from `prefill_cost` / `decode_cost`, the
+fraction of the floor reached, the speed-up against each peer, and the relative L2 error
+against a reference output (`reference_output`: the fp64 token loop, or our fp32 torch
+chunked path for long inputs), so a fast wrong kernel cannot win.
+
+On a CPU-only machine it times the torch paths at small shapes; on a GPU it times the
+Triton backend and every importable peer: flash-linear-attention (`fla`, with
+FLA_FLASH_QLA=0 so its own Triton path runs) and FlashQLA (`flash_qla`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import api
+from .testing import rel_l2
+
+CHUNK = 64
+
+
+# ---------------------------------------------------------------------------------------
+# cost model: one documented function per op
+
+
+def prefill_cost(seq_lens: list[int], heads: int, value_heads: int, dk: int, dv: int, in_bytes: int,
+                 chunk: int = CHUNK) -> tuple[int, int]:
+    """Fewest bytes and FLOPs of a chunked prefill.
+
+    Bytes: read q, k ([T, H, K]) and v ([T, HV, V]) and write o ([T, HV, V]) at the input
+    width; g and beta ([T, HV]) as fp32; the fp32 state read and written once per sequence.
+    FLOPs per chunk and value head (full C x C products, as shared/design/gdn-math.md):
+    K K^T and Q K^T (2 * 2C^2K), W = T K (2C^2K), U' = T V (2C^2V), W S, Q S and K~^T U
+    (3 * 2CKV), (Q K^T o L) U (2C^2V), and the triangular inverse (C^3 / 3 * 2).
+    At K = V = 128, C = 64 that is 11.72 MFLOP.
+    """
+    tokens = sum(seq_lens)
+    data = tokens * ((2 * heads * dk + 2 * value_heads * dv) * in_bytes + 2 * value_heads * 4)
+    state = 2 * len(seq_lens) * value_heads * dk * dv * 4
+    c = chunk
+    per_chunk = 2 * 2 * c * c * dk + 2 * c * c * dk + 2 * c * c * dv + 3 * 2 * c * dk * dv + 2 * c * c * dv + (
+        2 * c**3 // 3)
+    chunks = sum(math.ceil(n / c) for n in seq_lens)
+    return data + state, chunks * value_heads * per_chunk
+
+
+def decode_cost(batch: int, tokens: int, heads: int, value_heads: int, dk: int, dv: int, in_bytes: int,
+                state_bytes: int) -> tuple[int, int]:
+    """Fewest bytes and FLOPs of a decode step of `tokens` tokens per sequence.
+
+    Bytes: the state read and written once per sequence (2 * B * HV * K * V * state_bytes),
+    plus q, k, v, o per token at the input width and g, beta as fp32.
+    FLOPs per token and value head: decay (KV), S^T k (2KV), the rank-1 update (2KV),
+    S^T q (2KV): 7KV.
+    """
+    state = 2 * batch * value_heads * dk * dv * state_bytes
+    data = batch * tokens * ((2 * heads * dk + 2 * value_heads * dv) * in_bytes + 2 * value_heads * 4)
+    return state + data, batch * tokens * value_heads * 7 * dk * dv
+
+
+# ---------------------------------------------------------------------------------------
+# shapes
+
+
+@dataclass
+class Shape:
+    suite: str  # "prefill" | "decode"
+    name: str
+    seq_lens: list[int]  # one entry per sequence (prefill); decode: [tokens] * batch
+    heads: int
+    value_heads: int
+    dk: int = 128
+    dv: int = 128
+    gate: str = "strong"  # strong | weak
+    varlen: bool = False
+    graph: bool = False  # decode: time a CUDA-graph replay
+    dtype: str = "bfloat16"
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.seq_lens)
+
+    @property
+    def label(self) -> str:
+        extra = "" if self.suite == "prefill" else (" graph" if self.graph else " eager")
+        return f"{self.name} h{self.heads}/{self.value_heads} {self.gate}{extra}"
+
+
+def _mixed_lengths(total: int, n: int) -> list[int]:
+    """n lengths summing to total, mixed: ratios 1:2:...:n shuffled deterministically."""
+    weights = [1 + (7 * i) % n for i in range(n)]
+    lens = [total * w // sum(weights) for w in weights]
+    lens[0] += total - sum(lens)
+    return lens
+
+
+def gpu_shapes(suite: str, quick: bool) -> list[Shape]:
+    prefill, decode = [], []
+    rows = [("1x8K", [8192], 16, 16), ("1x32K", [32768], 16, 16), ("1x128K", [131072], 16, 16),
+            ("1x128K", [131072], 32, 32), ("1x32K", [32768], 16, 32), ("8x4K", [4096] * 8, 16, 32)]
+    for gate in ("strong", "weak"):
+        for name, lens, h, hv in rows:
+            prefill.append(Shape("prefill", name, lens, h, hv, gate=gate))
+        prefill.append(Shape("prefill", "varlen 64K/8", _mixed_lengths(65536, 8), 16, 32, gate=gate, varlen=True))
+    for graph in (False, True):
+        for batch in (1, 16, 64, 256):
+            decode.append(Shape("decode", f"B={batch} T=1", [1] * batch, 16, 32, graph=graph))
+    if quick:
+        prefill = [prefill[0], prefill[5 + 7]]  # 1x8K 16/16 strong, 8x4K 16/32 weak
+        decode = [s for s in decode if s.name == "B=64 T=1" and s.graph]
+    return (prefill if suite in ("prefill", "all") else []) + (decode if suite in ("decode", "all") else [])
+
+
+def cpu_shapes(suite: str, quick: bool) -> list[Shape]:
+    prefill = [Shape("prefill", f"1x{t}", [t], 4, 4, 64, 64, gate=gate, dtype="float32")
+               for gate in ("strong", "weak") for t in (256, 1024, 4096)]
+    prefill.append(Shape("prefill", "varlen 4K/4", _mixed_lengths(4096, 4), 4, 8, 64, 64, varlen=True,
+                         dtype="float32"))
+    decode = [Shape("decode", f"B={b} T=1", [1] * b, 4, 8, 64, 64, dtype="float32") for b in (1, 16, 64)]
+    if quick:
+        prefill = [prefill[1], prefill[2]]
+        decode = [decode[1]]
+    return (prefill if suite in ("prefill", "all") else []) + (decode if suite in ("decode", "all") else [])
+
+
+def make_inputs(shape: Shape, device, seed: int = 0):
+    """bf16/fp32 q, k (L2-normalised), v; fp32 g from the shape's gate law; fp32 beta."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    n_seqs = len(shape.seq_lens)
+    if shape.suite == "decode":
+        b, t = n_seqs, 1
+    elif shape.varlen:
+        b, t = 1, shape.total_tokens
+    else:
+        b, t = n_seqs, shape.seq_lens[0]
+    h, hv, dk, dv = shape.heads, shape.value_heads, shape.dk, shape.dv
+    dtype = getattr(torch, shape.dtype)
+
+    def randn(*s):
+        return torch.randn(*s, generator=gen).to(device)
+
+    q = randn(b, t, h, dk).to(dtype)
+    k = F.normalize(randn(b, t, h, dk), dim=-1).to(dtype)
+    v = randn(b, t, hv, dv).to(dtype)
+    beta = torch.sigmoid(randn(b, t, hv))
+    if shape.gate == "strong":
+        # Qwen3-Next's gate: g = -exp(A_log) softplus(a + dt_bias), A_log = log U(1, 16), a ~ N(-4, 1)
+        a_log = torch.log(1 + 15 * torch.rand(hv, generator=gen)).to(device)
+        g = -a_log.exp() * F.softplus(randn(b, t, hv) - 4.0)
+    else:
+        g = -1e-3 * (0.5 + torch.rand(b, t, hv, generator=gen).to(device))  # slow heads, plain DeltaNet
+    kwargs = {}
+    if shape.varlen:
+        offs = [0]
+        for n in shape.seq_lens:
+            offs.append(offs[-1] + n)
+        kwargs["cu_seqlens"] = torch.tensor(offs, dtype=torch.int64, device=device)
+    if shape.suite == "decode":
+        kwargs["initial_state"] = 0.1 * randn(b, hv, dk, dv)
+    return (q, k, v, g, beta), kwargs
+
+
+# ---------------------------------------------------------------------------------------
+# implementations
+
+
+@dataclass
+class Impl:
+    name: str
+    peer: bool
+    prefill: object = None  # fn(args, kwargs) -> (o, state)
+    decode: object = None
+    version: str = ""
+    notes: list = field(default_factory=list)
+
+
+def our_impls(device: torch.device) -> list[Impl]:
+    from .backends import triton_unavailable_reason
+
+    impls = []
+    if device.type == "cpu":
+        impls.append(Impl(
+            "flashdelta-torch", False,
+            prefill=lambda a, kw: api.chunk_gated_delta_rule(*a, output_final_state=True, backend="torch", **kw),
+            decode=lambda a, kw: api.fused_recurrent_gated_delta_rule(*a, output_final_state=True, backend="torch",
+                                                                      **kw)))
+    reason = triton_unavailable_reason(device)
+    if device.type == "cuda" and reason is None:
+        impls.append(Impl(
+            "flashdelta-triton", False,
+            prefill=lambda a, kw: api.chunk_gated_delta_rule(*a, output_final_state=True, backend="triton", **kw),
+            decode=lambda a, kw: api.fused_recurrent_gated_delta_rule(*a, output_final_state=True, backend="triton",
+                                                                      **kw)))
+    elif device.type == "cuda":
+        print(f"flashdelta-triton skipped: {reason}", file=sys.stderr)
+    return impls
+
+
+def peer_impls(device: torch.device) -> tuple[list[Impl], list[str]]:
+    """Importable peers, and a line for each one that is absent."""
+    impls, missing = [], []
+    if device.type != "cuda":
+        return impls, ["peers skipped: they need a CUDA GPU"]
+    os.environ["FLA_FLASH_QLA"] = "0"  # time FLA's own Triton path, not its FlashQLA route
+    try:
+        import fla
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
+        from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_rec
+
+        impls.append(Impl(
+            "fla", True,
+            prefill=lambda a, kw: fla_chunk(*a, output_final_state=True, **kw),
+            decode=lambda a, kw: fla_rec(*a, output_final_state=True, **kw),
+            version=getattr(fla, "__version__", "?")))
+    except Exception as e:  # noqa: BLE001 -- any import failure means "absent"
+        missing.append(f"fla (flash-linear-attention) not importable: {type(e).__name__}: {e}")
+    try:
+        import flash_qla
+
+        impls.append(Impl(
+            "flashqla", True,
+            prefill=lambda a, kw: flash_qla.chunk_gated_delta_rule(*a, output_final_state=True,
+                                                                   enable_fwd_cp_cache=False, **kw),
+            version=getattr(flash_qla, "__version__", "?")))
+    except Exception as e:  # noqa: BLE001
+        missing.append(f"flashqla (flash_qla) not importable: {type(e).__name__}: {e}")
+    return impls, missing
+
+
+# ---------------------------------------------------------------------------------------
+# timing
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, device, graph: bool = False) -> float:
+    """Median milliseconds. GPU: triton.testing.do_bench (events), optionally a CUDA-graph
+    replay; CPU: perf_counter around each call after one warm-up."""
+    if device.type == "cuda":
+        import triton
+
+        if graph:
+            fn()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                fn()  # warm up on the side stream before capture
+            torch.cuda.current_stream().wait_stream(stream)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            return float(triton.testing.do_bench(g.replay, warmup=25, rep=200, return_mode="median"))
+        return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+    fn()
+    times = []
+    deadline = time.perf_counter() + 2.0
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 20):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def measure_ceilings(device) -> dict:
+    """Copy bandwidth (bytes read + written per second) and dense matmul rate on random data."""
+    if device.type == "cuda":
+        n_bytes, mm_n, mm_dtype = 2 << 30, 8192, torch.bfloat16
+    else:
+        n_bytes, mm_n, mm_dtype = 256 << 20, 1024, torch.float32  # the CPU paths compute in fp32
+    src = torch.randn(n_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    t_copy = time_fn(lambda: dst.copy_(src), device)
+    a = torch.randn(mm_n, mm_n, device=device).to(mm_dtype)
+    b = torch.randn(mm_n, mm_n, device=device).to(mm_dtype)
+    t_mm = time_fn(lambda: a @ b, device)
+    del src, dst
+    return {
+        "copy_bandwidth_GBps": 2 * n_bytes / (t_copy * 1e-3) / 1e9,
+        "matmul_TFLOPs": 2 * mm_n**3 / (t_mm * 1e-3) / 1e12,
+        "matmul_dtype": str(mm_dtype).removeprefix("torch."),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# the run
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--suite", choices=("prefill", "decode", "all"), default="all")
+    p.add_argument("--quick", action="store_true", help="a three-shape subset (under a minute)")
+    p.add_argument("--json", default=None, help="write results here (default: none)")
+    p.add_argument("--plot", default=None, help="write a PNG plot here (needs matplotlib)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def metadata(device) -> dict:
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+    }
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        meta["triton"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        meta["gpu"] = props.name
+        meta["sm_count"] = props.multi_processor_count
+        meta["cuda"] = torch.version.cuda
+        try:
+            import subprocess
+
+            meta["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, timeout=20).stdout.strip()
+        except Exception:  # noqa: BLE001
+            meta["driver"] = None
+    else:
+        meta["cpu"] = platform.processor() or platform.machine()
+        meta["threads"] = torch.get_num_threads()
+    return meta
+
+
+ORACLE_MAX_TOKENS = 8192
+
+
+def reference_output(shape: Shape, args, kwargs):
+    """The fp64 token loop on the same (rounded) inputs up to ORACLE_MAX_TOKENS tokens; beyond,
+    our torch chunked path in fp32 (within ~1e-6 of the oracle, see tests/test_parity.py)."""
+    q, k, v, g, beta = args
+    if shape.total_tokens <= ORACLE_MAX_TOKENS:
+        kw = dict(kwargs)
+        if "initial_state" in kw:
+            kw["initial_state"] = kw["initial_state"].double()
+        return api.fused_recurrent_gated_delta_rule(*(x.double() for x in args), output_final_state=True,
+                                                    backend="torch", **kw)
+    return api.chunk_gated_delta_rule(q.float(), k.float(), v.float(), g, beta, output_final_state=True,
+                                      backend="torch", **kwargs)
+
+
+def run_shapes(shapes: list[Shape], impls: list[Impl], device, ceilings: dict, log=sys.stderr) -> list[dict]:
+    results = []
+    bw = ceilings["copy_bandwidth_GBps"] * 1e9
+    rate = ceilings["matmul_TFLOPs"] * 1e12
+    for i, shape in enumerate(shapes, 1):
+        args, kwargs = make_inputs(shape, device)
+        in_bytes = torch.finfo(args[0].dtype).bits // 8
+        if shape.suite == "prefill":
+            n_bytes, flops = prefill_cost(shape.seq_lens, shape.heads, shape.value_heads, shape.dk, shape.dv,
+                                          in_bytes)
+        else:
+            n_bytes, flops = decode_cost(len(shape.seq_lens), 1, shape.heads, shape.value_heads, shape.dk,
+                                         shape.dv, in_bytes, 4)
+        floor_ms = max(n_bytes / bw, flops / rate) * 1e3
+        o_ref, s_ref = reference_output(shape, args, kwargs)
+        row_times, row = {}, []
+        for impl in impls:
+            fn = impl.prefill if shape.suite == "prefill" else impl.decode
+            if fn is None:
+                continue
+            rec = {"shape": asdict(shape), "label": shape.label, "impl": impl.name, "peer": impl.peer,
+                   "bytes": n_bytes, "flops": flops, "floor_ms": floor_ms}
+            try:
+                o, s = fn(args, kwargs)
+                rec["rel_err_o"] = rel_l2(o, o_ref)
+                rec["rel_err_state"] = rel_l2(s, s_ref) if s is not None else None
+                ms = time_fn(lambda: fn(args, kwargs), device, graph=shape.graph)
+                rec["time_ms"] = ms
+                rec["frac_floor"] = floor_ms / ms
+                row_times[impl.name] = ms
+                msg = f"{ms:.4f} ms ({100 * floor_ms / ms:.0f}% of floor), err {rec['rel_err_o']:.1e}"
+            except Exception as e:  # noqa: BLE001 -- a peer that rejects a shape is a row, not a crash
+                rec["error"] = f"{type(e).__name__}: {e}"[:300]
+                msg = f"failed: {rec['error']}"
+            print(f"[{i}/{len(shapes)}] {shape.suite} {shape.label}: {impl.name} {msg}", file=log, flush=True)
+            row.append(rec)
+            _sync(device)
+        peers = {p.name for p in impls if p.peer}
+        for rec in row:
+            if "time_ms" in rec:
+                rec["speedup_vs"] = {name: t / rec["time_ms"] for name, t in row_times.items()
+                                     if name != rec["impl"] and name in peers}
+        results += row
+        del args, kwargs, o_ref, s_ref
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def format_table(results: list[dict]) -> str:
+    header = ("suite", "shape", "impl", "time_ms", "floor_ms", "%floor", "rel_err(o)", "speed-up vs peers")
+    rows = []
+    for r in results:
+        if "time_ms" not in r:
+            rows.append((r["shape"]["suite"], r["label"], r["impl"], "error", f"{r['floor_ms']:.4f}", "", "",
+                         r.get("error", "")[:40]))
+            continue
+        sp = ", ".join(f"{k} {v:.2f}x" for k, v in (r.get("speedup_vs") or {}).items())
+        rows.append((r["shape"]["suite"], r["label"], r["impl"], f"{r['time_ms']:.4f}", f"{r['floor_ms']:.4f}",
+                     f"{100 * r['frac_floor']:.1f}", f"{r['rel_err_o']:.1e}", sp))
+    widths = [max(len(str(x[i])) for x in rows + [header]) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in [header] + rows)
+
+
+def plot(results: list[dict], path: str, meta: dict) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+        return False
+    suites = [s for s in ("prefill", "decode") if any(r["shape"]["suite"] == s for r in results)]
+    fig, axes = plt.subplots(1, len(suites), figsize=(7 * len(suites), 5), squeeze=False)
+    for ax, suite in zip(axes[0], suites):
+        rows = [r for r in results if r["shape"]["suite"] == suite and "time_ms" in r]
+        xkey = (lambda r: sum(r["shape"]["seq_lens"])) if suite == "prefill" else (
+            lambda r: len(r["shape"]["seq_lens"]))
+        series = {}
+        for r in rows:
+            key = f"{r['impl']} ({r['shape']['gate']}" + (", graph" if r["shape"]["graph"] else "") + ")"
+            series.setdefault(key, []).append((xkey(r), r["time_ms"]))
+        for key, pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="", label=key)
+        floor = sorted({(xkey(r), r["floor_ms"]) for r in rows})
+        if floor:
+            ax.plot([p[0] for p in floor], [p[1] for p in floor], "k--", label="hardware floor")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("total tokens" if suite == "prefill" else "batch (sequences)")
+        ax.set_ylabel("median time (ms)")
+        ax.set_title(f"{suite}: {meta.get('gpu') or meta.get('cpu', 'cpu')}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def run_bench(args) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    meta = metadata(device)
+    print(f"flashdelta bench on {meta.get('gpu', meta.get('cpu'))}: measuring ceilings...", file=sys.stderr)
+    ceilings = measure_ceilings(device)
+    print(f"copy {ceilings['copy_bandwidth_GBps']:.0f} GB/s, {ceilings['matmul_dtype']} matmul "
+          f"{ceilings['matmul_TFLOPs']:.1f} TFLOP/s", file=sys.stderr)
+    impls = our_impls(device)
+    peers, missing = peer_impls(device)
+    for line in missing:
+        print(line, file=sys.stderr)
+    meta["peers"] = {p.name: p.version for p in peers}
+    meta["peers_missing"] = missing
+    impls += peers
+    shapes = (gpu_shapes if device.type == "cuda" else cpu_shapes)(args.suite, args.quick)
+    results = run_shapes(shapes, impls, device, ceilings)
+    print(format_table(results))
+    out = {"meta": meta, "ceilings": ceilings, "results": results}
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        if plot(results, args.plot, meta):
+            print(f"wrote {args.plot}", file=sys.stderr)
+    return 0

@@ -1,0 +1,110 @@
+"""Token-by-token gated delta rule in Triton: one program per (sequence, value head, column
+block) keeps its [K, BV] fp32 state in registers across the sequence's tokens."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import interpreting
+
+
+@triton.jit
+def _token_step(q_p, k_p, v_p, g_p, be_p, o_p, state, t, s_qt, s_kt, s_vt, s_gt, s_bt, s_ot, kmask, vmask, scale,
+                L2NORM: tl.constexpr):
+    """One token: decay, delta-rule update, output. Returns the new state."""
+    q = tl.load(q_p + t * s_qt, mask=kmask, other=0.0).to(tl.float32)
+    k = tl.load(k_p + t * s_kt, mask=kmask, other=0.0).to(tl.float32)
+    v = tl.load(v_p + t * s_vt, mask=vmask, other=0.0).to(tl.float32)
+    g = tl.load(g_p + t * s_gt).to(tl.float32)
+    beta = tl.load(be_p + t * s_bt).to(tl.float32)
+    if L2NORM:
+        q = q * tl.rsqrt(tl.sum(q * q, 0) + 1e-6)
+        k = k * tl.rsqrt(tl.sum(k * k, 0) + 1e-6)
+    state = state * tl.exp(g)
+    u = beta * (v - tl.sum(state * k[:, None], 0))  # beta (v - S^T k)
+    state = state + k[:, None] * u[None, :]
+    o = tl.sum(state * q[:, None], 0) * scale
+    tl.store(o_p + t * s_ot, o.to(o_p.dtype.element_ty), mask=vmask)
+    return state
+
+
+@triton.jit
+def _recurrent_kernel(
+    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, o_ptr, h0_ptr, ht_ptr, seq_ptr,
+    s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd,
+    s_gb, s_gt, s_gh, s_bb, s_bt, s_bh, s_ob, s_ot, s_oh,
+    scale, T,
+    HV: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, L2NORM: tl.constexpr,
+    WHILE_LOOPS: tl.constexpr,
+):
+    i_n = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1)
+    i_v = tl.program_id(2)
+    if VARLEN:
+        b = 0
+        t_start = tl.load(seq_ptr + i_n).to(tl.int64)
+        t_end = tl.load(seq_ptr + i_n + 1).to(tl.int64)
+    else:
+        b = i_n
+        t_start = 0
+        t_end = T
+    i_hk = i_h // GROUP
+    rk = tl.arange(0, BK)
+    cv = i_v * BV + tl.arange(0, BV)
+    kmask = rk < K
+    vmask = cv < V
+    smask = kmask[:, None] & vmask[None, :]
+    soff = (i_n * HV + i_h) * K * V + rk[:, None] * V + cv[None, :]
+    if HAS_H0:
+        state = tl.load(h0_ptr + soff, mask=smask, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BK, BV), tl.float32)
+    q_p = q_ptr + b * s_qb + i_hk * s_qh + rk * s_qd
+    k_p = k_ptr + b * s_kb + i_hk * s_kh + rk * s_kd
+    v_p = v_ptr + b * s_vb + i_h * s_vh + cv * s_vd
+    g_p = g_ptr + b * s_gb + i_h * s_gh
+    be_p = beta_ptr + b * s_bb + i_h * s_bh
+    o_p = o_ptr + b * s_ob + i_h * s_oh + cv
+    if WHILE_LOOPS:  # the interpreter cannot take loaded loop bounds in range()
+        t = t_start
+        while t < t_end:
+            state = _token_step(q_p, k_p, v_p, g_p, be_p, o_p, state, t, s_qt, s_kt, s_vt, s_gt, s_bt, s_ot,
+                                kmask, vmask, scale, L2NORM)
+            t += 1
+    else:
+        for t in range(t_start, t_end):
+            state = _token_step(q_p, k_p, v_p, g_p, be_p, o_p, state, t, s_qt, s_kt, s_vt, s_gt, s_bt, s_ot,
+                                kmask, vmask, scale, L2NORM)
+    if STORE_FINAL:
+        tl.store(ht_ptr + soff, state, mask=smask)
+
+
+def fused_recurrent_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, output_final_state=False,
+                                         cu_seqlens=None, use_qk_l2norm=False, out=None, final_state_out=None):
+    """Validated inputs in the public layout. Returns (o [B, T, HV, V], final state or None)."""
+    bsz, t_len, h, dk = q.shape
+    hv, dv = v.shape[2], v.shape[3]
+    num_seqs = bsz if cu_seqlens is None else cu_seqlens.numel() - 1
+    o = out if out is not None else torch.empty(bsz, t_len, hv, dv, dtype=q.dtype, device=q.device)
+    final = None
+    if output_final_state:
+        final = final_state_out if final_state_out is not None else torch.empty(
+            num_seqs, hv, dk, dv, dtype=torch.float32, device=q.device)
+    if num_seqs == 0:
+        return o, final
+    bk = max(16, triton.next_power_of_2(dk))
+    bv = max(16, min(triton.next_power_of_2(dv), 32 if bk <= 128 else 16))
+    h0 = initial_state.contiguous() if initial_state is not None else None
+    grid = (num_seqs, hv, triton.cdiv(dv, bv))
+    _recurrent_kernel[grid](
+        q, k, v, g, beta, o, h0, final, cu_seqlens,
+        *q.stride(), *k.stride(), *v.stride(), *g.stride(), *beta.stride(), *o.stride()[:3],
+        scale, t_len,
+        HV=hv, GROUP=hv // h, K=dk, V=dv, BK=bk, BV=bv, VARLEN=cu_seqlens is not None,
+        HAS_H0=h0 is not None, STORE_FINAL=final is not None, L2NORM=use_qk_l2norm,
+        WHILE_LOOPS=interpreting(), num_warps=4,
+    )
+    return o, final

@@ -1,0 +1,96 @@
+"""The Triton chunked prefill against the float64 oracle (interpreter on the CPU, kernels on a GPU)."""
+
+import pytest
+import torch
+
+import flashdelta as fd
+from flashdelta.testing import make_case, oracle, rel_l2
+from flashdelta.triton.chunk import chunk_gated_delta_rule_fwd
+
+pytest.importorskip("triton")
+
+KINDS = ["random", "l2norm_in_kernel", "near_identical_keys", "cyclic_keys", "strong_decay", "zero_decay",
+         "beta_0_2", "gva_k_ne_v", "large_initial_state", "varlen"]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _extra(kind):
+    return dict(heads=2, value_heads=4, dv=48) if kind == "gva_k_ne_v" else {}
+
+
+def run(case, partition_chunks=None, poison=True):
+    """Call the kernel with NaN-poisoned outputs, so an unwritten element fails."""
+    kw = dict(case.kwargs)
+    n = kw["cu_seqlens"].numel() - 1 if "cu_seqlens" in kw else case.q.shape[0]
+    hv, dk, dv = case.v.shape[2], case.q.shape[3], case.v.shape[3]
+    out = torch.full_like(case.v, float("nan"), dtype=case.q.dtype) if poison else None
+    fin = torch.full((n, hv, dk, dv), float("nan"), device=case.q.device) if poison else None
+    return chunk_gated_delta_rule_fwd(
+        *case.args(), kw.get("scale") or dk**-0.5, kw.get("initial_state"), True, kw.get("cu_seqlens"),
+        kw.get("use_qk_l2norm_in_kernel", False), partition_chunks=partition_chunks, out=out, final_state_out=fin)
+
+
+def check(case, o, s):
+    o_ref, s_ref = oracle(case)
+    assert o.dtype == case.dtype and torch.isfinite(o).all() and torch.isfinite(s).all()
+    assert rel_l2(o, o_ref) <= case.tolerance, rel_l2(o, o_ref)
+    assert rel_l2(s, s_ref) <= case.tolerance, rel_l2(s, s_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("kind", KINDS)
+def test_parity(kind, dtype, seed, device):
+    case = make_case(kind, dtype, device, seed=seed, seq_len=130, **_extra(kind))
+    o, s = run(case)
+    check(case, o, s)
+
+
+@pytest.mark.parametrize("seq_len", [1, 63, 64, 65])
+def test_short_and_edge_lengths(seq_len, seed, device):
+    case = make_case("random", torch.float32, device, seed=seed, seq_len=seq_len)
+    check(case, *run(case))
+
+
+@pytest.mark.parametrize("partition_chunks", [1, 2])
+@pytest.mark.parametrize("kind", ["random", "large_initial_state", "strong_decay", "near_identical_keys"])
+def test_partitioned_is_exact(kind, partition_chunks, seed, device):
+    """P > 1 at T ~ 300: the affine state maps and the chain give the unpartitioned answer."""
+    case = make_case(kind, torch.float32, device, seed=seed, seq_len=300)
+    o, s = run(case, partition_chunks)
+    check(case, o, s)
+    o1, s1 = run(case, partition_chunks=10**6)  # one partition
+    assert rel_l2(o, o1) <= 1e-5 and rel_l2(s, s1) <= 1e-5
+
+
+@pytest.mark.parametrize("partition_chunks", [1, 2])
+def test_partitioned_varlen(partition_chunks, seed, device):
+    """Partitions never cross sequences; empty and 1-token sequences pass through."""
+    case = make_case("varlen", torch.float32, device, seed=seed, value_heads=4)
+    check(case, *run(case, partition_chunks))
+
+
+def test_deterministic(seed, device):
+    case = make_case("random", torch.bfloat16, device, seed=seed, seq_len=200)
+    o1, s1 = run(case, partition_chunks=1)
+    o2, s2 = run(case, partition_chunks=1)
+    assert torch.equal(o1, o2) and torch.equal(s1, s2)
+
+
+def test_public_api_and_views(seed, device):
+    case = make_case("random", torch.float32, device, seed=seed, seq_len=100, value_heads=4)
+    h0 = torch.randn(2, 4, 32, 32, device=device)
+    h0_copy = h0.clone()
+    o, s = fd.chunk_gated_delta_rule(*case.args(), initial_state=h0, output_final_state=True, backend="triton")
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (case.q, case.k, case.v))
+    o2, s2 = fd.chunk_gated_delta_rule(q, k, v, case.g, case.beta, initial_state=h0, output_final_state=True,
+                                       backend="triton")
+    assert torch.equal(h0, h0_copy)
+    assert rel_l2(o, o2) <= 1e-6 and rel_l2(s, s2) <= 1e-6
+    o_ref, s_ref = fd.chunk_gated_delta_rule(*case.args(), initial_state=h0, output_final_state=True, backend="torch")
+    assert rel_l2(o, o_ref) <= 1e-5 and rel_l2(s, s_ref) <= 1e-5
+
+
+def test_no_final_state(seed, device):
+    case = make_case("random", torch.float32, device, seed=seed, seq_len=70)
+    o, s = fd.chunk_gated_delta_rule(*case.args(), backend="triton")
+    assert s is None and torch.isfinite(o).all()

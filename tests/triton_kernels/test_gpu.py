@@ -1,0 +1,69 @@
+"""GPU-only checks of the Triton kernels at real sizes (marker `gpu`; skipped without CUDA)."""
+
+import os
+
+import pytest
+import torch
+
+import flashdelta as fd
+from flashdelta.bench import Shape, make_inputs
+from flashdelta.testing import make_case, oracle, rel_l2
+from flashdelta.triton.chunk import chunk_gated_delta_rule_fwd
+
+pytestmark = pytest.mark.gpu
+
+
+def _fla():
+    os.environ["FLA_FLASH_QLA"] = "0"
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except Exception:  # noqa: BLE001
+        return None
+    return chunk_gated_delta_rule
+
+
+@pytest.mark.parametrize("seq_len", [4096, 65536])
+@pytest.mark.parametrize("gate", ["strong", "weak"])
+def test_long_parity_vs_torch(seq_len, gate):
+    """bf16, K = V = 128, against our fp32 torch chunked path (itself ~1e-7 from the oracle)."""
+    shape = Shape("prefill", "t", [seq_len], 4, 8, gate=gate)
+    args, kw = make_inputs(shape, "cuda", seed=seq_len)
+    o, s = fd.chunk_gated_delta_rule(*args, output_final_state=True, backend="triton", **kw)
+    q, k, v, g, beta = args
+    o_ref, s_ref = fd.chunk_gated_delta_rule(q.float(), k.float(), v.float(), g, beta, output_final_state=True,
+                                             backend="torch")
+    assert rel_l2(o, o_ref) <= 4e-3 and rel_l2(s, s_ref) <= 1e-3, (rel_l2(o, o_ref), rel_l2(s, s_ref))
+
+
+@pytest.mark.parametrize("kind", ["random", "near_identical_keys", "cyclic_keys", "strong_decay", "zero_decay",
+                                  "beta_0_2", "large_initial_state", "varlen"])
+def test_adversarial_bf16_exactness(kind):
+    """The exactness goal: output <= 4e-3 and state <= 1e-3 vs the fp64 oracle, and no worse than FLA."""
+    case = make_case(kind, torch.bfloat16, "cuda", seed=7, seq_len=1024, heads=2, value_heads=4, dk=128)
+    o_ref, s_ref = oracle(case)
+    o, s = fd.chunk_gated_delta_rule(*case.args(), output_final_state=True, backend="triton", **case.kwargs)
+    err_o, err_s = rel_l2(o, o_ref), rel_l2(s, s_ref)
+    assert err_o <= 4e-3 and err_s <= 1e-3, (err_o, err_s)
+    fla = _fla()
+    if fla is not None:
+        o_f, s_f = fla(*case.args(), output_final_state=True, **case.kwargs)
+        assert err_o <= max(rel_l2(o_f, o_ref), 1.7e-3) * 1.05
+        assert err_s <= max(rel_l2(s_f, s_ref), 1e-6) * 1.05 or err_s <= 1e-5
+
+
+@pytest.mark.parametrize("partition_chunks", [None, 4, 10**6])
+def test_bitwise_deterministic(partition_chunks):
+    shape = Shape("prefill", "t", [16384], 16, 16, gate="strong")
+    args, kw = make_inputs(shape, "cuda", seed=3)
+    runs = [chunk_gated_delta_rule_fwd(*args, 128**-0.5, None, True, partition_chunks=partition_chunks)
+            for _ in range(3)]
+    for o, s in runs[1:]:
+        assert torch.equal(o, runs[0][0]) and torch.equal(s, runs[0][1])
+
+
+def test_partitioned_equals_single_partition_long():
+    shape = Shape("prefill", "t", [32768], 16, 16, gate="weak")
+    args, kw = make_inputs(shape, "cuda", seed=5)
+    o1, s1 = chunk_gated_delta_rule_fwd(*args, 128**-0.5, None, True, partition_chunks=10**6)
+    o2, s2 = chunk_gated_delta_rule_fwd(*args, 128**-0.5, None, True, partition_chunks=8)
+    assert rel_l2(o2, o1) <= 2e-3 and rel_l2(s2, s1) <= 1e-4
