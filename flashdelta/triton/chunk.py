@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_dtype, interpreting, mm, mm_split_a, mm_split_ab, mm_split_b, sm_count
+from .common import PRECISIONS, dot_dtype, interpreting, mm, mm_split_a, mm_split_ab, mm_split_b, sm_count
 
 CHUNK_SIZE = 64
 CHUNK = tl.constexpr(CHUNK_SIZE)  # the kernels' view of it
@@ -163,7 +163,7 @@ def _chunk_step(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, t_ptr, o_ptr, state, b, t0
                 s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd,
                 s_gb, s_gt, s_gh, s_bb, s_bt, s_bh, s_tb, s_tt, s_th, s_ob, s_ot, s_oh, scale,
                 K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, MAP: tl.constexpr, L2NORM: tl.constexpr,
-                K_EXACT: tl.constexpr, V_EXACT: tl.constexpr, DOT: tl.constexpr):
+                K_EXACT: tl.constexpr, V_EXACT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """One chunk of the recurrence: writes the chunk's outputs (unless MAP), returns the new state."""
     rt = tl.arange(0, CHUNK)
     rk = tl.arange(0, BK)
@@ -182,33 +182,33 @@ def _chunk_step(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, t_ptr, o_ptr, state, b, t0
     t_u = tinv * beta[None, :]
     t_w = t_u * gate_exp[None, :]
     if K_EXACT:
-        w = mm_split_a(t_w, k.to(DOT), DOT)  # [C, BK]
+        w = mm_split_a(t_w, k.to(DOT), DOT, PREC)  # [C, BK]
     else:
-        w = mm_split_ab(t_w, k, DOT)
-    u = -mm_split_ab(w, state, DOT)  # -W S
+        w = mm_split_ab(t_w, k, DOT, PREC)
+    u = -mm_split_ab(w, state, DOT, PREC)  # -W S
     if not is_m:
         v = _load_rows(v_ptr, b * s_vb + t0 * s_vt + i_h * s_vh, rt, n, s_vt, cv, V, s_vd, False)
         if V_EXACT:
-            u += mm_split_a(t_u, v.to(DOT), DOT)
+            u += mm_split_a(t_u, v.to(DOT), DOT, PREC)
         else:
-            u += mm_split_ab(t_u, v, DOT)
+            u += mm_split_ab(t_u, v, DOT, PREC)
     if not MAP:
         q = _load_rows(q_ptr, b * s_qb + t0 * s_qt + i_hk * s_qh, rt, n, s_qt, rk, K, s_qd, L2NORM)
         diff = (gate64[:, None] - gate64[None, :]).to(tl.float32)
         decay = tl.exp(tl.where(causal, diff, float("-inf")))
         a_qk = _gram(q, k, DOT, K_EXACT) * decay
         if K_EXACT:
-            o = mm_split_b(q.to(DOT), state, DOT)
+            o = mm_split_b(q.to(DOT), state, DOT, PREC)
         else:
-            o = mm_split_ab(q, state, DOT)
-        o = o * gate_exp[:, None] + mm_split_ab(a_qk, u, DOT)
+            o = mm_split_ab(q, state, DOT, PREC)
+        o = o * gate_exp[:, None] + mm_split_ab(a_qk, u, DOT, PREC)
         o_p = o_ptr + b * s_ob + (t0 + rt[:, None]) * s_ot + i_h * s_oh + cv[None, :]
         tl.store(o_p, (o * scale).to(o_ptr.dtype.element_ty), mask=(rt[:, None] < n) & cmask[None, :])
     u_tilde = u * tl.exp((gate_last64 - gate64).to(tl.float32))[:, None]  # exp(G_C - G_j) <= 1
     if K_EXACT:
-        upd = mm_split_b(tl.trans(k.to(DOT)), u_tilde, DOT)
+        upd = mm_split_b(tl.trans(k.to(DOT)), u_tilde, DOT, PREC)
     else:
-        upd = mm_split_ab(tl.trans(k), u_tilde, DOT)
+        upd = mm_split_ab(tl.trans(k), u_tilde, DOT, PREC)
     state = state * tl.exp(gate_last64.to(tl.float32)) + upd
     return state
 
@@ -223,7 +223,7 @@ def _recurrence_kernel(
     HV: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NVB: tl.constexpr, MAP: tl.constexpr, PARTITIONED: tl.constexpr, HAS_STATE_IN: tl.constexpr,
     STORE_FINAL: tl.constexpr, L2NORM: tl.constexpr, K_EXACT: tl.constexpr, V_EXACT: tl.constexpr,
-    DOT: tl.constexpr, WHILE_LOOPS: tl.constexpr,
+    DOT: tl.constexpr, PREC: tl.constexpr, WHILE_LOOPS: tl.constexpr,
 ):
     i_p = tl.program_id(0)
     i_h = tl.program_id(1)
@@ -263,14 +263,14 @@ def _recurrence_kernel(
             state = _chunk_step(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, t_ptr, o_ptr, state, b, t0, t_end, i_h, i_hk,
                                 cv, cmask, is_m, s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh,
                                 s_vd, s_gb, s_gt, s_gh, s_bb, s_bt, s_bh, s_tb, s_tt, s_th, s_ob, s_ot, s_oh, scale,
-                                K, V, BK, MAP, L2NORM, K_EXACT, V_EXACT, DOT)
+                                K, V, BK, MAP, L2NORM, K_EXACT, V_EXACT, DOT, PREC)
             t0 += CHUNK
     else:
         for t0 in range(t_start, t_end, CHUNK):
             state = _chunk_step(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, t_ptr, o_ptr, state, b, t0, t_end, i_h, i_hk,
                                 cv, cmask, is_m, s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh,
                                 s_vd, s_gb, s_gt, s_gh, s_bb, s_bt, s_bh, s_tb, s_tt, s_th, s_ob, s_ot, s_oh, scale,
-                                K, V, BK, MAP, L2NORM, K_EXACT, V_EXACT, DOT)
+                                K, V, BK, MAP, L2NORM, K_EXACT, V_EXACT, DOT, PREC)
 
     if MAP:
         if is_m:
@@ -288,7 +288,7 @@ def _recurrence_kernel(
 def _chain_kernel(
     map_d_ptr, map_m_ptr, h0_ptr, starts_ptr, seq_ptr,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_H0: tl.constexpr, DOT: tl.constexpr,
+    HAS_H0: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
     """Starts of the partitions of one sequence: S_0 = h0, S_p = M_{p-1} S_{p-1} + D_{p-1}."""
     i_s = tl.program_id(0)
@@ -314,7 +314,7 @@ def _chain_kernel(
         m_row = first_map + j - 1
         m = tl.load(map_m_ptr + (m_row * HV + i_h) * K * K + rk[:, None] * K + rk[None, :], mask=mmask, other=0.0)
         d = tl.load(map_d_ptr + (m_row * HV + i_h) * K * V + off, mask=smask, other=0.0)
-        state = mm_split_ab(m, state, DOT) + d
+        state = mm_split_ab(m, state, DOT, PREC) + d
         tl.store(starts_ptr + ((first + j) * HV + i_h) * K * V + off, state, mask=smask)
         j += 1
 
@@ -323,10 +323,19 @@ def _chain_kernel(
 # host side
 
 
+# Launch choices, measured on the GPU (benchmarks/prefill_variants.py, NOTES.md).
+TUNING = {
+    "precision": "split",  # products with an fp32 operand: "split" | "tf32" | "bf16" (common.PRECISIONS)
+    "block_v": None,  # state column block; None: 64 for K <= 128, else 32
+    "warps_inverse": 4,
+    "warps_recurrence": 8,
+}
+
+
 def _block_v(dk: int, dv: int) -> int:
     """Column block of the state: the [K, BV] fp32 state tile lives in registers."""
     bk = max(16, triton.next_power_of_2(dk))
-    bv = 64 if bk <= 128 else 32
+    bv = TUNING["block_v"] or (64 if bk <= 128 else 32)
     return max(16, min(bv, triton.next_power_of_2(dv)))
 
 
@@ -420,18 +429,20 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     exact = q.dtype == torch.bfloat16  # bf16 q/k/v tiles are exact tensor-core operands
     k_exact = exact and not use_qk_l2norm
     tinv = torch.empty(bsz, t_len, hv, CHUNK_SIZE, dtype=torch.float32, device=device)
-    num_warps = 4 if interpreting() else 8
+    num_warps = 4 if interpreting() else TUNING["warps_recurrence"]
+    prec = PRECISIONS[TUNING["precision"]]
 
     _inverse_kernel[(plan["num_chunks"], hv)](
         k, g, beta, tinv, plan["chunks"],
         *k.stride(), *g.stride(), *beta.stride(), *tinv.stride()[:3],
-        GROUP=group, K=dk, BK=bk, L2NORM=use_qk_l2norm, K_EXACT=k_exact, DOT=dot, num_warps=4,
+        GROUP=group, K=dk, BK=bk, L2NORM=use_qk_l2norm, K_EXACT=k_exact, DOT=dot,
+        num_warps=TUNING["warps_inverse"],
     )
     partitioned = plan["num_maps"] > 0
     strides = (*q.stride(), *k.stride(), *v.stride(), *g.stride(), *beta.stride(), *tinv.stride()[:3],
                *o.stride()[:3])
     common = dict(HV=hv, GROUP=group, K=dk, V=dv, BK=bk, BV=bv, NVB=nvb, L2NORM=use_qk_l2norm,
-                  K_EXACT=k_exact, V_EXACT=exact, DOT=dot, WHILE_LOOPS=interpreting(), num_warps=num_warps)
+                  K_EXACT=k_exact, V_EXACT=exact, DOT=dot, PREC=prec, WHILE_LOOPS=interpreting(), num_warps=num_warps)
     state_in = h0
     if partitioned:
         map_d = torch.empty(plan["num_maps"], hv, dk, dv, dtype=torch.float32, device=device)
@@ -443,7 +454,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
         starts = torch.empty(plan["num_parts"], hv, dk, dv, dtype=torch.float32, device=device)
         _chain_kernel[(num_seqs, hv, nvb)](
             map_d, map_m, h0, starts, plan["chains"], HV=hv, K=dk, V=dv, BK=bk, BV=bv,
-            HAS_H0=h0 is not None, DOT=dot, num_warps=num_warps,
+            HAS_H0=h0 is not None, DOT=dot, PREC=prec, num_warps=num_warps,
         )
         state_in = starts
     _recurrence_kernel[(plan["num_parts"], hv, nvb)](

@@ -41,38 +41,59 @@ def mm(a, b, DOT: tl.constexpr):
         return tl.dot(a, b)
 
 
+# PREC, the precision of products with an fp32 operand (bf16 inputs on the GPU):
+#   0 "split": fp32 operands as bf16 hi + lo pairs (2 products, 3 when both are fp32), ~16 bits
+#   1 "tf32":  one TF32 product (~11 bits per operand)
+#   2 "bf16":  one bf16 product, operands rounded to bf16 (~8 bits; FLA's choice)
+PRECISIONS = {"split": 0, "tf32": 1, "bf16": 2}
+
+
 @triton.jit
-def mm_split_a(a, b, DOT: tl.constexpr):
-    """a (fp32) @ b (exact in DOT): a = hi + lo in DOT, two products (~16 mantissa bits of a)."""
+def _hi_lo(x, DOT: tl.constexpr):
+    hi = x.to(DOT)
+    return hi, (x - hi.to(tl.float32)).to(DOT)
+
+
+@triton.jit
+def mm_split_a(a, b, DOT: tl.constexpr, PREC: tl.constexpr = 0):
+    """a (fp32) @ b (exact in DOT)."""
     if DOT == tl.float32:
         return tl.dot(a, b, input_precision="tf32x3")
-    else:
-        a_hi = a.to(DOT)
-        a_lo = (a - a_hi.to(tl.float32)).to(DOT)
+    elif PREC == 0:
+        a_hi, a_lo = _hi_lo(a, DOT)
         return tl.dot(a_lo, b, tl.dot(a_hi, b))
+    elif PREC == 1:
+        return tl.dot(a, b.to(tl.float32), input_precision="tf32")
+    else:
+        return tl.dot(a.to(DOT), b)
 
 
 @triton.jit
-def mm_split_b(a, b, DOT: tl.constexpr):
-    """a (exact in DOT) @ b (fp32): b = hi + lo, two products."""
+def mm_split_b(a, b, DOT: tl.constexpr, PREC: tl.constexpr = 0):
+    """a (exact in DOT) @ b (fp32)."""
     if DOT == tl.float32:
         return tl.dot(a, b, input_precision="tf32x3")
-    else:
-        b_hi = b.to(DOT)
-        b_lo = (b - b_hi.to(tl.float32)).to(DOT)
+    elif PREC == 0:
+        b_hi, b_lo = _hi_lo(b, DOT)
         return tl.dot(a, b_lo, tl.dot(a, b_hi))
+    elif PREC == 1:
+        return tl.dot(a.to(tl.float32), b, input_precision="tf32")
+    else:
+        return tl.dot(a, b.to(DOT))
 
 
 @triton.jit
-def mm_split_ab(a, b, DOT: tl.constexpr):
-    """a (fp32) @ b (fp32): hi/lo on both sides, three products (lo @ lo dropped)."""
+def mm_split_ab(a, b, DOT: tl.constexpr, PREC: tl.constexpr = 0):
+    """a (fp32) @ b (fp32); the split form drops lo @ lo (3 products)."""
     if DOT == tl.float32:
         return tl.dot(a, b, input_precision="tf32x3")
-    else:
-        a_hi = a.to(DOT)
-        a_lo = (a - a_hi.to(tl.float32)).to(DOT)
-        b_hi = b.to(DOT)
-        b_lo = (b - b_hi.to(tl.float32)).to(DOT)
+    elif PREC == 0:
+        a_hi, a_lo = _hi_lo(a, DOT)
+        b_hi, b_lo = _hi_lo(b, DOT)
         acc = tl.dot(a_hi, b_hi)
         acc = tl.dot(a_lo, b_hi, acc)
         return tl.dot(a_hi, b_lo, acc)
+    elif PREC == 1:
+        return tl.dot(a, b, input_precision="tf32")
+    else:
+        return tl.dot(a.to(DOT), b.to(DOT))
