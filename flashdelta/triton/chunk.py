@@ -287,10 +287,15 @@ def _recurrence_kernel(
 @triton.jit
 def _chain_kernel(
     map_d_ptr, map_m_ptr, h0_ptr, starts_ptr, seq_ptr,
-    HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr,
     HAS_H0: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Starts of the partitions of one sequence: S_0 = h0, S_p = M_{p-1} S_{p-1} + D_{p-1}."""
+    """Starts of the partitions of one sequence: S_0 = h0, S_p = M_{p-1} S_{p-1} + D_{p-1}.
+
+    The product contracts over K in slices of BKC rows of S_{p-1}, read back from `starts`
+    (this program wrote them; the barrier makes them visible), so the M tile in flight is
+    [BK, BKC], not [BK, BK] (which is 256 KB at K = 256).
+    """
     i_s = tl.program_id(0)
     i_h = tl.program_id(1)
     i_v = tl.program_id(2)
@@ -300,6 +305,7 @@ def _chain_kernel(
     first_map = tl.load(row + 2).to(tl.int64)
     seq = tl.load(row + 3).to(tl.int64)
     rk = tl.arange(0, BK)
+    rc = tl.arange(0, BKC)
     cv = i_v * BV + tl.arange(0, BV)
     smask = (rk[:, None] < K) & (cv[None, :] < V)
     off = rk[:, None] * V + cv[None, :]
@@ -308,14 +314,20 @@ def _chain_kernel(
     else:
         state = tl.zeros((BK, BV), tl.float32)
     tl.store(starts_ptr + (first * HV + i_h) * K * V + off, state, mask=smask)
-    mmask = (rk[:, None] < K) & (rk[None, :] < K)
     j = 1
     while j < count:  # a handful of partitions: a while loop is fine here (and in the interpreter)
+        tl.debug_barrier()  # the previous start, stored by all threads, is read back in slices
         m_row = first_map + j - 1
-        m = tl.load(map_m_ptr + (m_row * HV + i_h) * K * K + rk[:, None] * K + rk[None, :], mask=mmask, other=0.0)
-        d = tl.load(map_d_ptr + (m_row * HV + i_h) * K * V + off, mask=smask, other=0.0)
-        state = mm_split_ab(m, state, DOT, PREC) + d
-        tl.store(starts_ptr + ((first + j) * HV + i_h) * K * V + off, state, mask=smask)
+        prev = starts_ptr + ((first + j - 1) * HV + i_h) * K * V
+        acc = tl.load(map_d_ptr + (m_row * HV + i_h) * K * V + off, mask=smask, other=0.0)
+        for c0 in tl.static_range(0, BK, BKC):
+            cols = c0 + rc
+            m = tl.load(map_m_ptr + (m_row * HV + i_h) * K * K + rk[:, None] * K + cols[None, :],
+                        mask=(rk[:, None] < K) & (cols[None, :] < K), other=0.0)
+            s = tl.load(prev + cols[:, None] * V + cv[None, :], mask=(cols[:, None] < K) & (cv[None, :] < V),
+                        other=0.0)
+            acc += mm_split_ab(m, s, DOT, PREC)
+        tl.store(starts_ptr + ((first + j) * HV + i_h) * K * V + off, acc, mask=smask)
         j += 1
 
 
@@ -327,8 +339,8 @@ def _chain_kernel(
 TUNING = {
     "precision": "split",  # products with an fp32 operand: "split" | "tf32" | "bf16" (common.PRECISIONS)
     "block_v": None,  # state column block; None: 64 for K <= 128, else 32
-    "warps_inverse": 4,
-    "warps_recurrence": 8,
+    "warps_inverse": 2,
+    "warps_recurrence": 4,
 }
 
 
@@ -342,18 +354,18 @@ def _block_v(dk: int, dv: int) -> int:
 def auto_partition_chunks(num_seqs: int, total_chunks: int, longest_chunks: int, hv: int, nvb: int,
                           device: torch.device) -> int:
     """Chunks per partition. One partition per sequence when the (sequence, head, column
-    block) programs already fill the GPU; else split so that the partitions' programs make
-    about two waves, never below MIN_PARTITION_CHUNKS chunks (phase 1 + chain cost more than
-    they save on short partitions). Measured on the H100/H200: NOTES.md."""
+    block) programs already fill the SMs; else split so that the partitions' programs make
+    about one wave, never below MIN_PARTITION_CHUNKS chunks: the map pass and the chain cost
+    about as much as the output pass, so short partitions lose (sweep in NOTES.md)."""
     if device.type != "cuda":
         return longest_chunks  # CPU / interpreter: no parallelism to win
-    target = 2 * sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    target = sm_count(device.index if device.index is not None else torch.cuda.current_device())
     if num_seqs * hv * nvb >= target:
         return longest_chunks
     return max(MIN_PARTITION_CHUNKS, math.ceil(total_chunks * hv * nvb / target))
 
 
-MIN_PARTITION_CHUNKS = 8
+MIN_PARTITION_CHUNKS = 32
 
 
 @functools.lru_cache(maxsize=128)
@@ -385,6 +397,30 @@ def _plan(seqs: tuple, partition_chunks: int, device: torch.device):
     }
 
 
+def launch_config(dtype: torch.dtype, dk: int, dv: int, group: int, hv: int, use_qk_l2norm: bool) -> dict:
+    """Constexprs and launch options of the prefill kernels for these sizes: the one source
+    for the launches below and for the offline sm_90 compile test (tests/triton_kernels)."""
+    bk = max(16, triton.next_power_of_2(dk))
+    bv = _block_v(dk, dv)
+    dot = dot_dtype(dtype)
+    exact = dtype == torch.bfloat16  # bf16 q/k/v tiles are exact tensor-core operands
+    k_exact = exact and not use_qk_l2norm
+    prec = PRECISIONS[TUNING["precision"]]
+    # fp32 tensor-core operands double the shared memory; without load pipelining it fits
+    # (K = V = 128: 296 KB at 3 stages, 131 KB at 1; the limit is 227 KB).
+    stages = 1 if dot == tl.float32 else 3
+    warps = 4 if interpreting() else TUNING["warps_recurrence"]
+    inverse = dict(GROUP=group, K=dk, BK=bk, L2NORM=use_qk_l2norm, K_EXACT=k_exact, DOT=dot,
+                   num_warps=TUNING["warps_inverse"], num_stages=stages)
+    recurrence = dict(HV=hv, GROUP=group, K=dk, V=dv, BK=bk, BV=bv, NVB=triton.cdiv(dv, bv), L2NORM=use_qk_l2norm,
+                      K_EXACT=k_exact, V_EXACT=exact, DOT=dot, PREC=prec, WHILE_LOOPS=interpreting(),
+                      num_warps=warps, num_stages=stages)
+    chain = dict(HV=hv, K=dk, V=dv, BK=bk, BV=bv, BKC=min(bk, 64), DOT=dot, PREC=prec, num_warps=warps,
+                 num_stages=stages)
+    return {"inverse": inverse, "recurrence": recurrence, "chain": chain,
+            "nvb": triton.cdiv(dv, bv), "nkb": triton.cdiv(dk, bv)}
+
+
 def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, output_final_state=False,
                                cu_seqlens=None, use_qk_l2norm=False, partition_chunks: int | None = None,
                                out: torch.Tensor | None = None, final_state_out: torch.Tensor | None = None):
@@ -404,9 +440,8 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     else:
         seqs = tuple((b, 0, t_len) for b in range(bsz))
     num_seqs = len(seqs)
-    bk = max(16, triton.next_power_of_2(dk))
-    bv = _block_v(dk, dv)
-    nvb, nkb = triton.cdiv(dv, bv), triton.cdiv(dk, bv)
+    cfg = launch_config(q.dtype, dk, dv, group, hv, use_qk_l2norm)
+    nvb, nkb = cfg["nvb"], cfg["nkb"]
     chunk_counts = [triton.cdiv(e - s, CHUNK_SIZE) for _, s, e in seqs]
     longest = max(chunk_counts + [1])
     if partition_chunks is None:
@@ -424,42 +459,31 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
             final.copy_(initial_state if initial_state is not None else torch.zeros_like(final))
         return o, final
     h0 = initial_state.contiguous() if initial_state is not None else None
-
-    dot = dot_dtype(q.dtype)
-    exact = q.dtype == torch.bfloat16  # bf16 q/k/v tiles are exact tensor-core operands
-    k_exact = exact and not use_qk_l2norm
     tinv = torch.empty(bsz, t_len, hv, CHUNK_SIZE, dtype=torch.float32, device=device)
-    num_warps = 4 if interpreting() else TUNING["warps_recurrence"]
-    prec = PRECISIONS[TUNING["precision"]]
 
     _inverse_kernel[(plan["num_chunks"], hv)](
-        k, g, beta, tinv, plan["chunks"],
-        *k.stride(), *g.stride(), *beta.stride(), *tinv.stride()[:3],
-        GROUP=group, K=dk, BK=bk, L2NORM=use_qk_l2norm, K_EXACT=k_exact, DOT=dot,
-        num_warps=TUNING["warps_inverse"],
+        k, g, beta, tinv, plan["chunks"], *k.stride(), *g.stride(), *beta.stride(), *tinv.stride()[:3],
+        **cfg["inverse"],
     )
     partitioned = plan["num_maps"] > 0
     strides = (*q.stride(), *k.stride(), *v.stride(), *g.stride(), *beta.stride(), *tinv.stride()[:3],
                *o.stride()[:3])
-    common = dict(HV=hv, GROUP=group, K=dk, V=dv, BK=bk, BV=bv, NVB=nvb, L2NORM=use_qk_l2norm,
-                  K_EXACT=k_exact, V_EXACT=exact, DOT=dot, PREC=prec, WHILE_LOOPS=interpreting(), num_warps=num_warps)
     state_in = h0
     if partitioned:
         map_d = torch.empty(plan["num_maps"], hv, dk, dv, dtype=torch.float32, device=device)
         map_m = torch.empty(plan["num_maps"], hv, dk, dk, dtype=torch.float32, device=device)
         _recurrence_kernel[(plan["num_maps"], hv, nvb + nkb)](
             q, k, v, g, beta, tinv, o, None, None, map_d, map_m, plan["maps"], *strides, scale,
-            MAP=True, PARTITIONED=True, HAS_STATE_IN=False, STORE_FINAL=False, **common,
+            MAP=True, PARTITIONED=True, HAS_STATE_IN=False, STORE_FINAL=False, **cfg["recurrence"],
         )
         starts = torch.empty(plan["num_parts"], hv, dk, dv, dtype=torch.float32, device=device)
         _chain_kernel[(num_seqs, hv, nvb)](
-            map_d, map_m, h0, starts, plan["chains"], HV=hv, K=dk, V=dv, BK=bk, BV=bv,
-            HAS_H0=h0 is not None, DOT=dot, PREC=prec, num_warps=num_warps,
+            map_d, map_m, h0, starts, plan["chains"], HAS_H0=h0 is not None, **cfg["chain"],
         )
         state_in = starts
     _recurrence_kernel[(plan["num_parts"], hv, nvb)](
         q, k, v, g, beta, tinv, o, state_in, final, None, None, plan["parts"], *strides, scale,
         MAP=False, PARTITIONED=partitioned, HAS_STATE_IN=state_in is not None, STORE_FINAL=final is not None,
-        **common,
+        **cfg["recurrence"],
     )
     return o, final

@@ -82,6 +82,13 @@ def _recurrent_kernel(
         tl.store(ht_ptr + soff, state, mask=smask)
 
 
+def launch_config(dk: int, dv: int) -> dict:
+    """Block sizes and warps of the token-loop kernel (also compiled offline by the tests)."""
+    bk = max(16, triton.next_power_of_2(dk))
+    bv = max(16, min(triton.next_power_of_2(dv), 32 if bk <= 128 else 16))
+    return dict(BK=bk, BV=bv, num_warps=4)
+
+
 def fused_recurrent_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, output_final_state=False,
                                          cu_seqlens=None, use_qk_l2norm=False, out=None, final_state_out=None):
     """Validated inputs in the public layout. Returns (o [B, T, HV, V], final state or None)."""
@@ -95,16 +102,15 @@ def fused_recurrent_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=
             num_seqs, hv, dk, dv, dtype=torch.float32, device=q.device)
     if num_seqs == 0:
         return o, final
-    bk = max(16, triton.next_power_of_2(dk))
-    bv = max(16, min(triton.next_power_of_2(dv), 32 if bk <= 128 else 16))
+    cfg = launch_config(dk, dv)
     h0 = initial_state.contiguous() if initial_state is not None else None
-    grid = (num_seqs, hv, triton.cdiv(dv, bv))
+    grid = (num_seqs, hv, triton.cdiv(dv, cfg["BV"]))
     _recurrent_kernel[grid](
         q, k, v, g, beta, o, h0, final, cu_seqlens,
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *beta.stride(), *o.stride()[:3],
         scale, t_len,
-        HV=hv, GROUP=hv // h, K=dk, V=dv, BK=bk, BV=bv, VARLEN=cu_seqlens is not None,
+        HV=hv, GROUP=hv // h, K=dk, V=dv, VARLEN=cu_seqlens is not None,
         HAS_H0=h0 is not None, STORE_FINAL=final is not None, L2NORM=use_qk_l2norm,
-        WHILE_LOOPS=interpreting(), num_warps=4,
+        WHILE_LOOPS=interpreting(), **cfg,
     )
     return o, final

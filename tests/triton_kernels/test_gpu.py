@@ -67,3 +67,15 @@ def test_partitioned_equals_single_partition_long():
     o1, s1 = chunk_gated_delta_rule_fwd(*args, 128**-0.5, None, True, partition_chunks=10**6)
     o2, s2 = chunk_gated_delta_rule_fwd(*args, 128**-0.5, None, True, partition_chunks=8)
     assert rel_l2(o2, o1) <= 2e-3 and rel_l2(s2, s1) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_dtypes_and_head_dims(dtype, dim):
+    """Every dtype at the head sizes models use (fp32 at K = 128 once overflowed shared memory)."""
+    case = make_case("random", dtype, "cuda", seed=dim, seq_len=300, heads=2, value_heads=4, dk=dim)
+    o_ref, s_ref = oracle(case)
+    for pc in (None, 2):
+        o, s = chunk_gated_delta_rule_fwd(*case.args(), dim**-0.5, None, True, partition_chunks=pc)
+        tol = 1e-5 if dtype == torch.float32 else 4e-3
+        assert rel_l2(o, o_ref) <= tol and rel_l2(s, s_ref) <= max(tol, 1e-3), (rel_l2(o, o_ref), rel_l2(s, s_ref))

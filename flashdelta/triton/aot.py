@@ -1,0 +1,81 @@
+"""Compile the kernels for a GPU target without a GPU, with the host's own launch parameters.
+
+    python -m flashdelta.triton.aot [--arch 90]
+
+Prints one JSON line per kernel: name, sizes, shared memory bytes. The tests run it in a
+subprocess (the kernels must not have been created under TRITON_INTERPRET=1) to check that
+every launch fits in shared memory; it also reads resources before spending GPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import chunk as tc
+from . import recurrent as tr
+
+TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _pointers(dtype) -> dict:
+    io = "*" + TYPES[dtype]
+    types = {n: io for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}
+    types.update({n: "*fp32" for n in ("g_ptr", "beta_ptr", "t_ptr", "state_in_ptr", "state_out_ptr", "map_d_ptr",
+                                       "map_m_ptr", "h0_ptr", "starts_ptr", "ht_ptr")})
+    types.update({n: "*i32" for n in ("chunk_ptr", "part_ptr", "seq_ptr")})
+    return types
+
+
+def compile_kernel(fn, pointer_types: dict, params: dict, arch: int = 90):
+    options = {k: params[k] for k in ("num_warps", "num_stages") if k in params}
+    constexprs = {k: v for k, v in params.items() if k not in options}
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        else:
+            signature[name] = pointer_types.get(name, "fp32" if name == "scale" else "i32")
+    src = ASTSource(fn=fn, signature=signature,
+                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def prefill_kernels(dtype, dim: int, arch: int = 90):
+    cfg = tc.launch_config(dtype, dim, dim, group=2, hv=32, use_qk_l2norm=False)
+    ptrs = _pointers(dtype)
+    yield "inverse", compile_kernel(tc._inverse_kernel, ptrs, cfg["inverse"], arch)
+    yield "output pass", compile_kernel(tc._recurrence_kernel, ptrs, dict(
+        cfg["recurrence"], MAP=False, PARTITIONED=True, HAS_STATE_IN=True, STORE_FINAL=True), arch)
+    yield "map pass", compile_kernel(tc._recurrence_kernel, ptrs, dict(
+        cfg["recurrence"], MAP=True, PARTITIONED=True, HAS_STATE_IN=False, STORE_FINAL=False), arch)
+    yield "chain", compile_kernel(tc._chain_kernel, ptrs, dict(cfg["chain"], HAS_H0=True), arch)
+
+
+def recurrent_kernels(dim: int, arch: int = 90):
+    params = dict(tr.launch_config(dim, dim), HV=32, GROUP=2, K=dim, V=dim, VARLEN=True, HAS_H0=True,
+                  STORE_FINAL=True, L2NORM=True, WHILE_LOOPS=False)
+    yield "token loop", compile_kernel(tr._recurrent_kernel, _pointers(torch.bfloat16), params, arch)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--dims", default="64,128,256")
+    args = ap.parse_args()
+    for dim in map(int, args.dims.split(",")):
+        for dtype in (torch.bfloat16, torch.float32):
+            for name, k in prefill_kernels(dtype, dim, args.arch):
+                print(json.dumps({"kernel": name, "dtype": TYPES[dtype], "dim": dim, "shared": k.metadata.shared,
+                                  "wgmma": k.asm["ptx"].count("wgmma.mma_async")}), flush=True)
+        for name, k in recurrent_kernels(dim, args.arch):
+            print(json.dumps({"kernel": name, "dtype": "bf16", "dim": dim, "shared": k.metadata.shared}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
