@@ -21,13 +21,12 @@ from flashdelta.triton import chunk as tc
 
 VARIANTS = [
     # precision, warps_recurrence, block_v, warps_inverse
-    ("split", 8, 64, 4),
     ("split", 4, 64, 2),
-    ("split", 8, 32, 1),
+    ("split", 8, 64, 2),
     ("split", 4, 32, 2),
-    ("tf32", 8, 64, 2),
+    ("split", 8, 128, 2),
+    ("split", 4, 64, 4),
     ("bf16", 8, 64, 2),
-    ("bf16", 4, 32, 2),
 ]
 SHAPES = [("1x8K 16/16", [8192], 16, 16), ("1x32K 16/16", [32768], 16, 16), ("8x4K 16/32", [4096] * 8, 16, 32)]
 ERROR_KINDS = ["random", "near_identical_keys", "strong_decay", "large_initial_state"]

@@ -6,8 +6,7 @@ Three kernels, plus one for long sequences with few heads:
    A_ij = beta_i exp(G_i - G_j) k_i.k_j (j < i), by forward substitution on the four 16x16
    diagonal blocks and a blockwise merge, all fp32. Writes T: [B, T, HV, 64] fp32.
 2. `_recurrence_kernel`, parallel over (partition, value head, column block), sequential
-   over the chunks of its partition: W = T diag(beta e^G) K, U' = T diag(beta) V,
-   U = U' - W S, o = scale (e^G Q S + (Q K^T o L) U), S <- e^{G_C} S + K~^T U.
+   over the chunks of its partition: U' = T diag(beta) V, U = U' - T diag(beta e^G) (K S), o = scale (e^G Q S + (Q K^T o L) U), S <- e^{G_C} S + K~^T U.
    In MAP mode it computes a partition's affine state map instead of outputs: the end
    state from a zero start (D, the V columns) and from start I with v = 0 (M, K columns).
 3. `_chain_kernel`: the partition starts S_p = M_{p-1} S_{p-1} + D_{p-1}, per sequence.
@@ -34,10 +33,24 @@ CHUNK = tl.constexpr(CHUNK_SIZE)  # the kernels' view of it
 
 @triton.jit
 def _load_rows(ptr, base, rows, n_valid, s_t, cols, n_cols, s_d, L2NORM: tl.constexpr):
-    """rows x cols tile of one head, fp32, zero outside; optionally L2-normalised per row."""
+    """rows x cols tile of one head, zero outside. Kept in the input dtype (an fp32 copy of a
+    bf16 tile costs registers the state needs); L2-normalised per row in fp32 if asked."""
     mask = (rows[:, None] < n_valid) & (cols[None, :] < n_cols)
-    x = tl.load(ptr + base + rows[:, None] * s_t + cols[None, :] * s_d, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(ptr + base + rows[:, None] * s_t + cols[None, :] * s_d, mask=mask, other=0.0)
     if L2NORM:
+        x = x.to(tl.float32)
+        x = x * tl.rsqrt(tl.sum(x * x, 1) + 1e-6)[:, None]
+    return x
+
+
+@triton.jit
+def _load_tile(ptr, base, n_rows, n_cols, s_t, s_d, col0, BR: tl.constexpr, BC: tl.constexpr, L2NORM: tl.constexpr):
+    """[BR, BC] tile from row 0, column col0 of an [n_rows, n_cols] view at ptr + base, zero
+    outside. A block pointer: no per-element address tile in registers."""
+    p = tl.make_block_ptr(ptr + base, (n_rows, n_cols), (s_t, s_d), (0, col0), (BR, BC), (1, 0))
+    x = tl.load(p, boundary_check=(0, 1), padding_option="zero")
+    if L2NORM:
+        x = x.to(tl.float32)
         x = x * tl.rsqrt(tl.sum(x * x, 1) + 1e-6)[:, None]
     return x
 
@@ -159,21 +172,21 @@ def _inverse_kernel(
 
 
 @triton.jit
-def _chunk_step(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, t_ptr, o_ptr, state, b, t0, t_end, i_h, i_hk, cv, cmask, is_m,
+def _chunk_step(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, t_ptr, o_ptr, state, b, t0, t_end, i_h, i_hk, c0, is_m,
                 s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd,
                 s_gb, s_gt, s_gh, s_bb, s_bt, s_bh, s_tb, s_tt, s_th, s_ob, s_ot, s_oh, scale,
-                K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, MAP: tl.constexpr, L2NORM: tl.constexpr,
-                K_EXACT: tl.constexpr, V_EXACT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+                K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr,
+                L2NORM: tl.constexpr, K_EXACT: tl.constexpr, V_EXACT: tl.constexpr, DOT: tl.constexpr,
+                PREC: tl.constexpr):
     """One chunk of the recurrence: writes the chunk's outputs (unless MAP), returns the new state."""
     rt = tl.arange(0, CHUNK)
-    rk = tl.arange(0, BK)
     causal = rt[:, None] >= rt[None, :]
     n = t_end - t0
-    k = _load_rows(k_ptr, b * s_kb + t0 * s_kt + i_hk * s_kh, rt, n, s_kt, rk, K, s_kd, L2NORM)
+    n_rows = tl.minimum(n, CHUNK).to(tl.int32)
+    k = _load_tile(k_ptr, b * s_kb + t0 * s_kt + i_hk * s_kh, n_rows, K, s_kt, s_kd, 0, CHUNK, BK, L2NORM)
     g = tl.load(g_ptr + b * s_gb + (t0 + rt) * s_gt + i_h * s_gh, mask=rt < n, other=0.0).to(tl.float32)
     beta = tl.load(beta_ptr + b * s_bb + (t0 + rt) * s_bt + i_h * s_bh, mask=rt < n, other=0.0).to(tl.float32)
-    tinv = tl.load(t_ptr + b * s_tb + (t0 + rt[:, None]) * s_tt + i_h * s_th + rt[None, :],
-                   mask=rt[:, None] < n, other=0.0)
+    tinv = _load_tile(t_ptr, b * s_tb + t0 * s_tt + i_h * s_th, n_rows, CHUNK, s_tt, 1, 0, CHUNK, CHUNK, False)
     # Prefix sums and their differences in fp64: G_C - G_j and G_i - G_j are differences of
     # large numbers under strong decay (|G| ~ 1e3), where fp32 would lose the recent tokens.
     gate64 = tl.cumsum(g.to(tl.float64), 0)
@@ -181,20 +194,25 @@ def _chunk_step(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, t_ptr, o_ptr, state, b, t0
     gate_exp = tl.exp(gate64.to(tl.float32))
     t_u = tinv * beta[None, :]
     t_w = t_u * gate_exp[None, :]
+    # U = U' - W S with W = T_w K, evaluated as T_w (K S): no [C, K] W tile in registers
     if K_EXACT:
-        w = mm_split_a(t_w, k.to(DOT), DOT, PREC)  # [C, BK]
+        ks = mm_split_b(k.to(DOT), state, DOT, PREC)  # [C, BV]
     else:
-        w = mm_split_ab(t_w, k, DOT, PREC)
-    u = -mm_split_ab(w, state, DOT, PREC)  # -W S
+        ks = mm_split_ab(k, state, DOT, PREC)
+    u = -mm_split_ab(t_w, ks, DOT, PREC)
     if not is_m:
-        v = _load_rows(v_ptr, b * s_vb + t0 * s_vt + i_h * s_vh, rt, n, s_vt, cv, V, s_vd, False)
+        v = _load_tile(v_ptr, b * s_vb + t0 * s_vt + i_h * s_vh, n_rows, V, s_vt, s_vd, c0, CHUNK, BV, False)
         if V_EXACT:
             u += mm_split_a(t_u, v.to(DOT), DOT, PREC)
         else:
             u += mm_split_ab(t_u, v, DOT, PREC)
     if not MAP:
-        q = _load_rows(q_ptr, b * s_qb + t0 * s_qt + i_hk * s_qh, rt, n, s_qt, rk, K, s_qd, L2NORM)
-        diff = (gate64[:, None] - gate64[None, :]).to(tl.float32)
+        q = _load_tile(q_ptr, b * s_qb + t0 * s_qt + i_hk * s_qh, n_rows, K, s_qt, s_qd, 0, CHUNK, BK, L2NORM)
+        # G_i - G_j from fp32 hi + lo parts of G: the hi difference is exact where it cancels
+        # (Sterbenz), so this matches an fp64 difference without an fp64 [C, C] tile.
+        g_hi = gate64.to(tl.float32)
+        g_lo = (gate64 - g_hi.to(tl.float64)).to(tl.float32)
+        diff = (g_hi[:, None] - g_hi[None, :]) + (g_lo[:, None] - g_lo[None, :])
         decay = tl.exp(tl.where(causal, diff, float("-inf")))
         a_qk = _gram(q, k, DOT, K_EXACT) * decay
         if K_EXACT:
@@ -202,8 +220,9 @@ def _chunk_step(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, t_ptr, o_ptr, state, b, t0
         else:
             o = mm_split_ab(q, state, DOT, PREC)
         o = o * gate_exp[:, None] + mm_split_ab(a_qk, u, DOT, PREC)
-        o_p = o_ptr + b * s_ob + (t0 + rt[:, None]) * s_ot + i_h * s_oh + cv[None, :]
-        tl.store(o_p, (o * scale).to(o_ptr.dtype.element_ty), mask=(rt[:, None] < n) & cmask[None, :])
+        o_p = tl.make_block_ptr(o_ptr + b * s_ob + t0 * s_ot + i_h * s_oh, (n_rows, V), (s_ot, 1), (0, c0),
+                                (CHUNK, BV), (1, 0))
+        tl.store(o_p, (o * scale).to(o_ptr.dtype.element_ty), boundary_check=(0, 1))
     u_tilde = u * tl.exp((gate_last64 - gate64).to(tl.float32))[:, None]  # exp(G_C - G_j) <= 1
     if K_EXACT:
         upd = mm_split_b(tl.trans(k.to(DOT)), u_tilde, DOT, PREC)
@@ -240,7 +259,8 @@ def _recurrence_kernel(
     # MAP mode: column blocks [0, NVB) are D (values, zero start), the rest M (start I, v = 0).
     is_m = i_v >= NVB  # always False outside MAP mode: that grid has NVB column blocks
     rk = tl.arange(0, BK)
-    cv = (i_v - NVB * is_m.to(tl.int32)) * BV + tl.arange(0, BV)
+    c0 = (i_v - NVB * is_m.to(tl.int32)) * BV
+    cv = c0 + tl.arange(0, BV)
     n_cols = tl.where(is_m, K, V)
     cmask = cv < n_cols
     smask = (rk[:, None] < K) & cmask[None, :]
@@ -261,16 +281,16 @@ def _recurrence_kernel(
         t0 = t_start
         while t0 < t_end:
             state = _chunk_step(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, t_ptr, o_ptr, state, b, t0, t_end, i_h, i_hk,
-                                cv, cmask, is_m, s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh,
+                                c0, is_m, s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh,
                                 s_vd, s_gb, s_gt, s_gh, s_bb, s_bt, s_bh, s_tb, s_tt, s_th, s_ob, s_ot, s_oh, scale,
-                                K, V, BK, MAP, L2NORM, K_EXACT, V_EXACT, DOT, PREC)
+                                K, V, BK, BV, MAP, L2NORM, K_EXACT, V_EXACT, DOT, PREC)
             t0 += CHUNK
     else:
         for t0 in range(t_start, t_end, CHUNK):
             state = _chunk_step(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, t_ptr, o_ptr, state, b, t0, t_end, i_h, i_hk,
-                                cv, cmask, is_m, s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh,
+                                c0, is_m, s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh,
                                 s_vd, s_gb, s_gt, s_gh, s_bb, s_bt, s_bh, s_tb, s_tt, s_th, s_ob, s_ot, s_oh, scale,
-                                K, V, BK, MAP, L2NORM, K_EXACT, V_EXACT, DOT, PREC)
+                                K, V, BK, BV, MAP, L2NORM, K_EXACT, V_EXACT, DOT, PREC)
 
     if MAP:
         if is_m:

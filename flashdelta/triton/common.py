@@ -36,7 +36,7 @@ def sm_count(device_index: int) -> int:
 def mm(a, b, DOT: tl.constexpr):
     """a @ b for operands already in DOT (fp32 goes through 3xTF32, ~fp32 accuracy)."""
     if DOT == tl.float32:
-        return tl.dot(a, b, input_precision="tf32x3")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
     else:
         return tl.dot(a, b)
 
@@ -58,7 +58,7 @@ def _hi_lo(x, DOT: tl.constexpr):
 def mm_split_a(a, b, DOT: tl.constexpr, PREC: tl.constexpr = 0):
     """a (fp32) @ b (exact in DOT)."""
     if DOT == tl.float32:
-        return tl.dot(a, b, input_precision="tf32x3")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
     elif PREC == 0:
         a_hi, a_lo = _hi_lo(a, DOT)
         return tl.dot(a_lo, b, tl.dot(a_hi, b))
@@ -72,7 +72,7 @@ def mm_split_a(a, b, DOT: tl.constexpr, PREC: tl.constexpr = 0):
 def mm_split_b(a, b, DOT: tl.constexpr, PREC: tl.constexpr = 0):
     """a (exact in DOT) @ b (fp32)."""
     if DOT == tl.float32:
-        return tl.dot(a, b, input_precision="tf32x3")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
     elif PREC == 0:
         b_hi, b_lo = _hi_lo(b, DOT)
         return tl.dot(a, b_lo, tl.dot(a, b_hi))
@@ -86,7 +86,7 @@ def mm_split_b(a, b, DOT: tl.constexpr, PREC: tl.constexpr = 0):
 def mm_split_ab(a, b, DOT: tl.constexpr, PREC: tl.constexpr = 0):
     """a (fp32) @ b (fp32); the split form drops lo @ lo (3 products)."""
     if DOT == tl.float32:
-        return tl.dot(a, b, input_precision="tf32x3")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
     elif PREC == 0:
         a_hi, a_lo = _hi_lo(a, DOT)
         b_hi, b_lo = _hi_lo(b, DOT)
