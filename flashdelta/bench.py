@@ -360,7 +360,9 @@ def reference_output(shape: Shape, args, kwargs):
                                       backend="torch", **kwargs)
 
 
-def run_shapes(shapes: list[Shape], impls: list[Impl], device, ceilings: dict, log=sys.stderr) -> list[dict]:
+def run_shapes(shapes: list[Shape], impls: list[Impl], device, ceilings: dict, log=sys.stderr,
+               on_shape=None) -> list[dict]:
+    """Time every implementation on every shape; `on_shape(results)` after each shape."""
     results = []
     bw = ceilings["copy_bandwidth_GBps"] * 1e9
     rate = ceilings["matmul_TFLOPs"] * 1e12
@@ -403,6 +405,8 @@ def run_shapes(shapes: list[Shape], impls: list[Impl], device, ceilings: dict, l
                 rec["speedup_vs"] = {name: t / rec["time_ms"] for name, t in row_times.items()
                                      if name != rec["impl"] and name in peers}
         results += row
+        if on_shape is not None:
+            on_shape(results)
         del args, kwargs, o_ref, s_ref
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -477,13 +481,16 @@ def run_bench(args) -> int:
     meta["peers_missing"] = missing
     impls += peers
     shapes = (gpu_shapes if device.type == "cuda" else cpu_shapes)(args.suite, args.quick)
-    results = run_shapes(shapes, impls, device, ceilings)
+
+    def write_json(results):  # after every shape, so a run cut short keeps what it measured
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "ceilings": ceilings, "results": results}, f, indent=1)
+
+    results = run_shapes(shapes, impls, device, ceilings, on_shape=write_json)
     print(format_table(results))
-    out = {"meta": meta, "ceilings": ceilings, "results": results}
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
         if plot(results, args.plot, meta):

@@ -374,12 +374,12 @@ def _block_v(dk: int, dv: int) -> int:
 def auto_partition_chunks(num_seqs: int, total_chunks: int, longest_chunks: int, hv: int, nvb: int,
                           device: torch.device) -> int:
     """Chunks per partition. One partition per sequence when the (sequence, head, column
-    block) programs already fill the SMs; else split so that the partitions' programs make
-    about one wave, never below MIN_PARTITION_CHUNKS chunks: the map pass and the chain cost
+    block) programs already make two waves; else split so that the partitions' programs make
+    about two waves, never below MIN_PARTITION_CHUNKS chunks: the map pass and the chain cost
     about as much as the output pass, so short partitions lose (sweep in NOTES.md)."""
     if device.type != "cuda":
         return longest_chunks  # CPU / interpreter: no parallelism to win
-    target = sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    target = 2 * sm_count(device.index if device.index is not None else torch.cuda.current_device())
     if num_seqs * hv * nvb >= target:
         return longest_chunks
     return max(MIN_PARTITION_CHUNKS, math.ceil(total_chunks * hv * nvb / target))
