@@ -5,6 +5,7 @@ from .api import (
     RECURRENT_MAX_TOKENS,
     chunk_gated_delta_rule,
     fused_recurrent_gated_delta_rule,
+    fused_sigmoid_gating_delta_rule_update,
     gated_delta_rule,
     validate,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "RECURRENT_MAX_TOKENS",
     "chunk_gated_delta_rule",
     "fused_recurrent_gated_delta_rule",
+    "fused_sigmoid_gating_delta_rule_update",
     "gated_delta_rule",
     "validate",
     "__version__",

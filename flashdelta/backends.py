@@ -22,12 +22,14 @@ class Backend:
     name: str
     chunk: Callable
     recurrent: Callable
+    decode: Callable  # the serving step on a state pool (fused_sigmoid_gating_delta_rule_update)
 
 
 def _torch_backend() -> Backend:
     from .reference import chunk_gated_delta_rule, recurrent_gated_delta_rule
+    from .reference.decode import sigmoid_gating_delta_rule_update
 
-    return Backend("torch", chunk_gated_delta_rule, recurrent_gated_delta_rule)
+    return Backend("torch", chunk_gated_delta_rule, recurrent_gated_delta_rule, sigmoid_gating_delta_rule_update)
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
@@ -46,8 +48,10 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
 
 def _triton_backend() -> Backend:
     from . import triton as tk
+    from .triton.decode import sigmoid_gating_delta_rule_update
 
-    return Backend("triton", tk.chunk_gated_delta_rule, tk.fused_recurrent_gated_delta_rule)
+    return Backend("triton", tk.chunk_gated_delta_rule, tk.fused_recurrent_gated_delta_rule,
+                   sigmoid_gating_delta_rule_update)
 
 
 def select(backend: str | None, device: torch.device) -> Backend:

@@ -90,6 +90,13 @@ class Shape:
     varlen: bool = False
     graph: bool = False  # decode: time a CUDA-graph replay
     dtype: str = "bfloat16"
+    pool_dtype: str = "float32"  # decode: the state pool
+    slots: int = 1024  # decode: pool size
+
+    @property
+    def tokens(self) -> int:
+        """decode: tokens per sequence in one step (1, or speculative tokens)."""
+        return self.seq_lens[0]
 
     @property
     def total_tokens(self) -> int:
@@ -97,8 +104,10 @@ class Shape:
 
     @property
     def label(self) -> str:
-        extra = "" if self.suite == "prefill" else (" graph" if self.graph else " eager")
-        return f"{self.name} h{self.heads}/{self.value_heads} {self.gate}{extra}"
+        if self.suite == "prefill":
+            return f"{self.name} h{self.heads}/{self.value_heads} {self.gate}"
+        pool = "" if self.pool_dtype == "float32" else f" {self.pool_dtype} pool"
+        return f"{self.name} h{self.heads}/{self.value_heads}{pool} {'graph' if self.graph else 'eager'}"
 
 
 def _mixed_lengths(total: int, n: int) -> list[int]:
@@ -120,6 +129,8 @@ def gpu_shapes(suite: str, quick: bool) -> list[Shape]:
     for graph in (False, True):
         for batch in (1, 16, 64, 256):
             decode.append(Shape("decode", f"B={batch} T=1", [1] * batch, 16, 32, graph=graph))
+    decode.append(Shape("decode", "B=256 T=1", [1] * 256, 16, 32, graph=True, pool_dtype="bfloat16"))
+    decode.append(Shape("decode", "B=64 T=4", [4] * 64, 16, 32, graph=True))
     if quick:
         prefill = [prefill[0], prefill[5 + 7]]  # 1x8K 16/16 strong, 8x4K 16/32 weak
         decode = [s for s in decode if s.name == "B=64 T=1" and s.graph]
@@ -131,11 +142,41 @@ def cpu_shapes(suite: str, quick: bool) -> list[Shape]:
                for gate in ("strong", "weak") for t in (256, 1024, 4096)]
     prefill.append(Shape("prefill", "varlen 4K/4", _mixed_lengths(4096, 4), 4, 8, 64, 64, varlen=True,
                          dtype="float32"))
-    decode = [Shape("decode", f"B={b} T=1", [1] * b, 4, 8, 64, 64, dtype="float32") for b in (1, 16, 64)]
+    decode = [Shape("decode", f"B={b} T=1", [1] * b, 4, 8, 64, 64, dtype="float32", slots=128) for b in (1, 16, 64)]
     if quick:
         prefill = [prefill[1], prefill[2]]
         decode = [decode[1]]
     return (prefill if suite in ("prefill", "all") else []) + (decode if suite in ("decode", "all") else [])
+
+
+def make_decode_inputs(shape: Shape, device, seed: int = 0) -> dict:
+    """One serving step: q, k, v and raw gates a, b for B sequences of T tokens; A_log, dt_bias;
+    a pool of `slots` states and B distinct random slot indices."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    b, t, h, hv, dk, dv = len(shape.seq_lens), shape.tokens, shape.heads, shape.value_heads, shape.dk, shape.dv
+    dtype = getattr(torch, shape.dtype)
+
+    def randn(*s):
+        return torch.randn(*s, generator=gen)
+
+    d = dict(q=randn(b, t, h, dk).to(dtype), k=randn(b, t, h, dk).to(dtype), v=randn(b, t, hv, dv).to(dtype),
+             a=randn(b, t, hv) - 4.0, b=randn(b, t, hv), A_log=torch.log(1 + 15 * torch.rand(hv, generator=gen)),
+             dt_bias=0.1 * randn(hv), pool=(0.1 * randn(shape.slots, hv, dk, dv)).to(getattr(torch, shape.pool_dtype)),
+             idx=torch.randperm(shape.slots, generator=gen)[:b])
+    d = {k: x.to(device) for k, x in d.items()}
+    d["g"] = -d["A_log"].exp() * F.softplus(d["a"] + d["dt_bias"])  # for paths that take g, beta
+    d["beta"] = d["b"].sigmoid()
+    d["h0"] = d["pool"][d["idx"]].float()  # dense initial state, for paths without a pool
+    return d
+
+
+def _decode_step(backend):
+    def fn(d):
+        o = api.fused_sigmoid_gating_delta_rule_update(
+            d["A_log"], d["a"], d["dt_bias"], 1.0, 20.0, d["q"], d["k"], d["v"], d["b"], d["pool"], d["idx"],
+            use_qk_l2norm_in_kernel=True, backend=backend, check_indices=False)
+        return o, None  # the new states are in d["pool"][d["idx"]]
+    return fn
 
 
 def make_inputs(shape: Shape, device, seed: int = 0):
@@ -197,15 +238,13 @@ def our_impls(device: torch.device) -> list[Impl]:
         impls.append(Impl(
             "flashdelta-torch", False,
             prefill=lambda a, kw: api.chunk_gated_delta_rule(*a, output_final_state=True, backend="torch", **kw),
-            decode=lambda a, kw: api.fused_recurrent_gated_delta_rule(*a, output_final_state=True, backend="torch",
-                                                                      **kw)))
+            decode=_decode_step("torch")))
     reason = triton_unavailable_reason(device)
     if device.type == "cuda" and reason is None:
         impls.append(Impl(
             "flashdelta-triton", False,
             prefill=lambda a, kw: api.chunk_gated_delta_rule(*a, output_final_state=True, backend="triton", **kw),
-            decode=lambda a, kw: api.fused_recurrent_gated_delta_rule(*a, output_final_state=True, backend="triton",
-                                                                      **kw)))
+            decode=_decode_step("triton")))
     elif device.type == "cuda":
         print(f"flashdelta-triton skipped: {reason}", file=sys.stderr)
     return impls
@@ -222,11 +261,20 @@ def peer_impls(device: torch.device) -> tuple[list[Impl], list[str]]:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
         from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_rec
 
+        version = getattr(fla, "__version__", "?")
         impls.append(Impl(
             "fla", True,
             prefill=lambda a, kw: fla_chunk(*a, output_final_state=True, **kw),
-            decode=lambda a, kw: fla_rec(*a, output_final_state=True, **kw),
-            version=getattr(fla, "__version__", "?")))
+            # its fused_recurrent takes gk, gv after g: pass the gates by name
+            decode=lambda d: fla_rec(d["q"], d["k"], d["v"], g=d["g"], beta=d["beta"], initial_state=d["h0"],
+                                     output_final_state=True, use_qk_l2norm_in_kernel=True),
+            version=version))
+        impls.append(Impl(
+            "fla-fused-gating", True,
+            decode=lambda d: fla_rec(d["q"], d["k"], d["v"], g=d["a"], beta=d["b"], initial_state=d["h0"],
+                                     output_final_state=True, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
+                                     A_log=d["A_log"], dt_bias=d["dt_bias"], use_beta_sigmoid_in_kernel=True),
+            version=version))
     except Exception as e:  # noqa: BLE001 -- any import failure means "absent"
         missing.append(f"fla (flash-linear-attention) not importable: {type(e).__name__}: {e}")
     try:
@@ -309,6 +357,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="write results here (default: none)")
     p.add_argument("--plot", default=None, help="write a PNG plot here (needs matplotlib)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--shapes", default=None, help="only shapes whose label contains one of these comma-separated words")
+    p.add_argument("--no-peers", action="store_true", help="time our paths only")
 
 
 def metadata(device) -> dict:
@@ -367,16 +417,25 @@ def run_shapes(shapes: list[Shape], impls: list[Impl], device, ceilings: dict, l
     bw = ceilings["copy_bandwidth_GBps"] * 1e9
     rate = ceilings["matmul_TFLOPs"] * 1e12
     for i, shape in enumerate(shapes, 1):
-        args, kwargs = make_inputs(shape, device)
-        in_bytes = torch.finfo(args[0].dtype).bits // 8
+        in_bytes = torch.finfo(getattr(torch, shape.dtype)).bits // 8
         if shape.suite == "prefill":
+            args, kwargs = make_inputs(shape, device)
             n_bytes, flops = prefill_cost(shape.seq_lens, shape.heads, shape.value_heads, shape.dk, shape.dv,
                                           in_bytes)
+            o_ref, s_ref = reference_output(shape, args, kwargs)
+            call = lambda fn: fn(args, kwargs)  # noqa: E731
         else:
-            n_bytes, flops = decode_cost(len(shape.seq_lens), 1, shape.heads, shape.value_heads, shape.dk,
-                                         shape.dv, in_bytes, 4)
+            d = make_decode_inputs(shape, device)
+            state_bytes = torch.finfo(getattr(torch, shape.pool_dtype)).bits // 8
+            n_bytes, flops = decode_cost(len(shape.seq_lens), shape.tokens, shape.heads, shape.value_heads,
+                                         shape.dk, shape.dv, in_bytes, state_bytes)
+            # reference: the torch step in fp64 from the same (rounded) inputs, on a copy of the pool
+            ref = {k: (x.double() if x.is_floating_point() else x) for k, x in d.items()}
+            o_ref = _decode_step("torch")(ref)[0]
+            s_ref = ref["pool"][d["idx"]]
+            args = kwargs = None
+            call = lambda fn: fn(d)  # noqa: E731
         floor_ms = max(n_bytes / bw, flops / rate) * 1e3
-        o_ref, s_ref = reference_output(shape, args, kwargs)
         row_times, row = {}, []
         for impl in impls:
             fn = impl.prefill if shape.suite == "prefill" else impl.decode
@@ -385,10 +444,17 @@ def run_shapes(shapes: list[Shape], impls: list[Impl], device, ceilings: dict, l
             rec = {"shape": asdict(shape), "label": shape.label, "impl": impl.name, "peer": impl.peer,
                    "bytes": n_bytes, "flops": flops, "floor_ms": floor_ms}
             try:
-                o, s = fn(args, kwargs)
+                if shape.suite == "decode":
+                    pool_before = d["pool"].clone()
+                o, s = call(fn)
+                if shape.suite == "decode":
+                    if s is None:  # in place: read the new states from the pool, then restore it
+                        s = d["pool"][d["idx"]].float()
+                        d["pool"].copy_(pool_before)
+                    del pool_before
                 rec["rel_err_o"] = rel_l2(o, o_ref)
                 rec["rel_err_state"] = rel_l2(s, s_ref) if s is not None else None
-                ms = time_fn(lambda: fn(args, kwargs), device, graph=shape.graph)
+                ms = time_fn(lambda: call(fn), device, graph=shape.graph)
                 rec["time_ms"] = ms
                 rec["frac_floor"] = floor_ms / ms
                 row_times[impl.name] = ms
@@ -408,6 +474,8 @@ def run_shapes(shapes: list[Shape], impls: list[Impl], device, ceilings: dict, l
         if on_shape is not None:
             on_shape(results)
         del args, kwargs, o_ref, s_ref
+        if shape.suite == "decode":
+            del d, ref
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return results
@@ -474,13 +542,16 @@ def run_bench(args) -> int:
     print(f"copy {ceilings['copy_bandwidth_GBps']:.0f} GB/s, {ceilings['matmul_dtype']} matmul "
           f"{ceilings['matmul_TFLOPs']:.1f} TFLOP/s", file=sys.stderr)
     impls = our_impls(device)
-    peers, missing = peer_impls(device)
+    peers, missing = ([], ["peers skipped: --no-peers"]) if args.no_peers else peer_impls(device)
     for line in missing:
         print(line, file=sys.stderr)
     meta["peers"] = {p.name: p.version for p in peers}
     meta["peers_missing"] = missing
     impls += peers
     shapes = (gpu_shapes if device.type == "cuda" else cpu_shapes)(args.suite, args.quick)
+    if args.shapes:
+        words = args.shapes.split(",")
+        shapes = [sh for sh in shapes if any(w in f"{sh.suite} {sh.label}" for w in words)]
 
     def write_json(results):  # after every shape, so a run cut short keeps what it measured
         if args.json:

@@ -7,17 +7,19 @@ import torch
 from .common import expand_heads, run_dense
 
 
-def recurrent_dense(q, k, v, g, beta, scale, h0):
+def recurrent_dense(q, k, v, g, beta, scale, h0, record_states: bool = False):
     """One step per token, dense batch, in the inputs' dtype.
 
     q, k [N, T, H, K]; v [N, T, HV, V]; g, beta [N, T, HV]; h0 [N, HV, K, V] or None.
-    Returns o [N, T, HV, V] and the final state [N, HV, K, V].
+    Returns o [N, T, HV, V] and the final state [N, HV, K, V]; with `record_states`, also the
+    state after every token [N, T, HV, K, V].
     """
     n, t_len, _, dk = q.shape
     hv, dv = v.shape[2], v.shape[3]
     q, k = expand_heads(q, hv), expand_heads(k, hv)
     state = q.new_zeros(n, hv, dk, dv) if h0 is None else h0
     o = q.new_empty(n, t_len, hv, dv)
+    states = q.new_empty(n, t_len, hv, dk, dv) if record_states else None
     for t in range(t_len):
         state = state * g[:, t].exp()[..., None, None]
         k_t = k[:, t]
@@ -25,7 +27,9 @@ def recurrent_dense(q, k, v, g, beta, scale, h0):
         u = beta[:, t, :, None] * (v[:, t] - torch.einsum("nhkv,nhk->nhv", state, k_t))
         state = state + k_t[..., :, None] * u[..., None, :]
         o[:, t] = scale * torch.einsum("nhkv,nhk->nhv", state, q[:, t])
-    return o, state
+        if record_states:
+            states[:, t] = state
+    return (o, state, states) if record_states else (o, state)
 
 
 def recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_state=False,

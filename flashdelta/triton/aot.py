@@ -18,6 +18,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import chunk as tc
+from . import decode as td
 from . import recurrent as tr
 
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -28,7 +29,11 @@ def _pointers(dtype) -> dict:
     types = {n: io for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}
     types.update({n: "*fp32" for n in ("g_ptr", "beta_ptr", "t_ptr", "state_in_ptr", "state_out_ptr", "map_d_ptr",
                                        "map_m_ptr", "h0_ptr", "starts_ptr", "ht_ptr")})
-    types.update({n: "*i32" for n in ("chunk_ptr", "part_ptr", "seq_ptr")})
+    types.update({n: "*i32" for n in ("chunk_ptr", "part_ptr", "seq_ptr", "cu_ptr")})
+    types.update({"a_ptr": "*fp32", "b_ptr": "*fp32", "a_log_ptr": "*fp32", "dt_bias_ptr": "*fp32", "pool_ptr": "*fp32",
+                  "idx_ptr": "*i64", "inter_ptr": "*fp32"})
+    for name in ("softplus_beta", "softplus_threshold"):
+        types[name] = "fp32"
     return types
 
 
@@ -61,6 +66,9 @@ def recurrent_kernels(dim: int, arch: int = 90):
     params = dict(tr.launch_config(dim, dim), HV=32, GROUP=2, K=dim, V=dim, VARLEN=True, HAS_H0=True,
                   STORE_FINAL=True, L2NORM=True, WHILE_LOOPS=False)
     yield "token loop", compile_kernel(tr._recurrent_kernel, _pointers(torch.bfloat16), params, arch)
+    params = dict(td.launch_config(dim, dim), GROUP=2, K=dim, V=dim, VARLEN=False, L2NORM=True, STORE_INTER=True,
+                  WHILE_LOOPS=False)
+    yield "decode", compile_kernel(td._decode_kernel, _pointers(torch.bfloat16), params, arch)
 
 
 def main():

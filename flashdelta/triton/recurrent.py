@@ -11,14 +11,8 @@ from .common import interpreting
 
 
 @triton.jit
-def _token_step(q_p, k_p, v_p, g_p, be_p, o_p, state, t, s_qt, s_kt, s_vt, s_gt, s_bt, s_ot, kmask, vmask, scale,
-                L2NORM: tl.constexpr):
-    """One token: decay, delta-rule update, output. Returns the new state."""
-    q = tl.load(q_p + t * s_qt, mask=kmask, other=0.0).to(tl.float32)
-    k = tl.load(k_p + t * s_kt, mask=kmask, other=0.0).to(tl.float32)
-    v = tl.load(v_p + t * s_vt, mask=vmask, other=0.0).to(tl.float32)
-    g = tl.load(g_p + t * s_gt).to(tl.float32)
-    beta = tl.load(be_p + t * s_bt).to(tl.float32)
+def delta_step(state, q, k, v, g, beta, scale, L2NORM: tl.constexpr):
+    """One token on a [K, BV] fp32 state: decay, delta-rule update, output. q, k [K]; v [BV]."""
     if L2NORM:
         q = q * tl.rsqrt(tl.sum(q * q, 0) + 1e-6)
         k = k * tl.rsqrt(tl.sum(k * k, 0) + 1e-6)
@@ -26,6 +20,19 @@ def _token_step(q_p, k_p, v_p, g_p, be_p, o_p, state, t, s_qt, s_kt, s_vt, s_gt,
     u = beta * (v - tl.sum(state * k[:, None], 0))  # beta (v - S^T k)
     state = state + k[:, None] * u[None, :]
     o = tl.sum(state * q[:, None], 0) * scale
+    return state, o
+
+
+@triton.jit
+def _token_step(q_p, k_p, v_p, g_p, be_p, o_p, state, t, s_qt, s_kt, s_vt, s_gt, s_bt, s_ot, kmask, vmask, scale,
+                L2NORM: tl.constexpr):
+    """Load token t, step, store its output. Returns the new state."""
+    q = tl.load(q_p + t * s_qt, mask=kmask, other=0.0).to(tl.float32)
+    k = tl.load(k_p + t * s_kt, mask=kmask, other=0.0).to(tl.float32)
+    v = tl.load(v_p + t * s_vt, mask=vmask, other=0.0).to(tl.float32)
+    g = tl.load(g_p + t * s_gt).to(tl.float32)
+    beta = tl.load(be_p + t * s_bt).to(tl.float32)
+    state, o = delta_step(state, q, k, v, g, beta, scale, L2NORM)
     tl.store(o_p + t * s_ot, o.to(o_p.dtype.element_ty), mask=vmask)
     return state
 

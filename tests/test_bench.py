@@ -1,0 +1,49 @@
+"""The benchmark harness's own logic, on the CPU."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from flashdelta import bench, cli
+
+
+def test_prefill_cost_by_hand():
+    n_bytes, flops = bench.prefill_cost([8192], 16, 16, 128, 128, 2)
+    per_token = (2 * 16 * 128 + 2 * 16 * 128) * 2 + 2 * 16 * 4  # q, k, v, o in bf16; g, beta fp32
+    assert n_bytes == 8192 * per_token + 2 * 16 * 128 * 128 * 4  # + fp32 state in and out
+    per_chunk = flops / (128 * 16)
+    assert abs(per_chunk - 11.72e6) / 11.72e6 < 2e-3  # shared/design/gdn-math.md: ~11.7 MFLOP
+    # a partial last chunk costs a whole chunk; varlen sums its sequences
+    assert bench.prefill_cost([65], 1, 1, 64, 64, 2)[1] == 2 * bench.prefill_cost([64], 1, 1, 64, 64, 2)[1]
+
+
+def test_decode_cost_by_hand():
+    n_bytes, flops = bench.decode_cost(256, 1, 16, 32, 128, 128, 2, 4)
+    assert n_bytes == 2 * 256 * 32 * 128 * 128 * 4 + 256 * ((2 * 16 * 128 + 2 * 32 * 128) * 2 + 2 * 32 * 4)
+    assert flops == 256 * 32 * 7 * 128 * 128
+
+
+def test_quick_run_writes_json_and_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    assert cli.main(["bench", "--quick", "--device", "cpu", "--json", str(out), "--plot", str(png)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data) == {"meta", "ceilings", "results"}
+    assert {"date", "torch", "triton", "device", "peers", "peers_missing"} <= set(data["meta"])
+    assert data["ceilings"]["copy_bandwidth_GBps"] > 0 and data["ceilings"]["matmul_TFLOPs"] > 0
+    assert len(data["results"]) == 3
+    for r in data["results"]:
+        assert {"impl", "label", "time_ms", "floor_ms", "frac_floor", "rel_err_o", "bytes", "flops"} <= set(r)
+        assert 0 < r["frac_floor"] and r["rel_err_o"] < 1e-5  # the torch path against the fp64 loop
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert "speed-up vs peers" in capsys.readouterr().out
+
+
+def test_missing_peer_is_reported_not_a_crash(monkeypatch):
+    monkeypatch.setitem(sys.modules, "fla", None)  # import fla -> ImportError
+    monkeypatch.setitem(sys.modules, "flash_qla", None)
+    impls, missing = bench.peer_impls(torch.device("cuda"))
+    assert impls == []
+    assert any(line.startswith("fla ") for line in missing) and any("flashqla" in line for line in missing)
