@@ -426,9 +426,9 @@ def launch_config(dtype: torch.dtype, dk: int, dv: int, group: int, hv: int, use
     exact = dtype == torch.bfloat16  # bf16 q/k/v tiles are exact tensor-core operands
     k_exact = exact and not use_qk_l2norm
     prec = PRECISIONS[TUNING["precision"]]
-    # fp32 tensor-core operands double the shared memory; without load pipelining it fits
-    # (K = V = 128: 296 KB at 3 stages, 131 KB at 1; the limit is 227 KB).
-    stages = 1 if dot == tl.float32 else 3
+    # Pipelined tile loads live in shared memory (227 KB a block). fp32 operands at K = 128:
+    # 296 KB at 3 stages, 131 KB at 1; bf16 at K = 256: 280 KB at 3, 197 KB at 2.
+    stages = 1 if dot == tl.float32 else (2 if bk > 128 else 3)
     warps = 4 if interpreting() else TUNING["warps_recurrence"]
     inverse = dict(GROUP=group, K=dk, BK=bk, L2NORM=use_qk_l2norm, K_EXACT=k_exact, DOT=dot,
                    num_warps=TUNING["warps_inverse"], num_stages=stages)
