@@ -53,8 +53,7 @@ def compile_kernel(fn, pointer_types: dict, params: dict, arch: int = 90):
     # allocations and K, V multiples of 16 are); with it Triton pipelines loads through
     # shared memory (cp.async), which is what can overflow it, so say the same here.
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if name not in constexprs and (signature[name].startswith("*") or name.startswith("s_"))
-             and not name.endswith(("_d", "d_ptr_unused"))}
+             if name not in constexprs and (signature[name].startswith("*") or name.startswith("s_"))}
     src = ASTSource(fn=fn, signature=signature,
                     constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
