@@ -180,12 +180,10 @@ def _decode_step(backend):
 
 
 def make_inputs(shape: Shape, device, seed: int = 0):
-    """bf16/fp32 q, k (L2-normalised), v; fp32 g from the shape's gate law; fp32 beta."""
+    """A prefill call: bf16/fp32 q, k (L2-normalised), v; fp32 g from the shape's gate law; fp32 beta."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     n_seqs = len(shape.seq_lens)
-    if shape.suite == "decode":
-        b, t = n_seqs, 1
-    elif shape.varlen:
+    if shape.varlen:
         b, t = 1, shape.total_tokens
     else:
         b, t = n_seqs, shape.seq_lens[0]
@@ -211,8 +209,6 @@ def make_inputs(shape: Shape, device, seed: int = 0):
         for n in shape.seq_lens:
             offs.append(offs[-1] + n)
         kwargs["cu_seqlens"] = torch.tensor(offs, dtype=torch.int64, device=device)
-    if shape.suite == "decode":
-        kwargs["initial_state"] = 0.1 * randn(b, hv, dk, dv)
     return (q, k, v, g, beta), kwargs
 
 
@@ -401,11 +397,8 @@ def reference_output(shape: Shape, args, kwargs):
     our torch chunked path in fp32 (within ~1e-6 of the oracle, see tests/test_parity.py)."""
     q, k, v, g, beta = args
     if shape.total_tokens <= ORACLE_MAX_TOKENS:
-        kw = dict(kwargs)
-        if "initial_state" in kw:
-            kw["initial_state"] = kw["initial_state"].double()
         return api.fused_recurrent_gated_delta_rule(*(x.double() for x in args), output_final_state=True,
-                                                    backend="torch", **kw)
+                                                    backend="torch", **kwargs)
     return api.chunk_gated_delta_rule(q.float(), k.float(), v.float(), g, beta, output_final_state=True,
                                       backend="torch", **kwargs)
 

@@ -51,8 +51,9 @@ def unpack_varlen(cu_seqlens: list[int], padded: torch.Tensor) -> torch.Tensor:
 def run_dense(core, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm, **kwargs):
     """Upcast, normalise, pack varlen into a padded batch, run `core`, unpack and cast back.
 
-    `core(q, k, v, g, beta, scale, h0, **kwargs) -> (o, h_final)` works on dense
-    [N, T, ...] tensors in the compute dtype; h0 may be None (zero state).
+    `core(q, k, v, g, beta, scale, h0, **kwargs) -> (o, h_final, *per_token)` works on dense
+    [N, T, ...] tensors in the compute dtype; h0 may be None (zero state). Extra per-token
+    outputs ([N, T, ...]) are unpacked like o and returned after the state.
     """
     dtype = compute_dtype(q, k, v, g, beta, initial_state)
     out_dtype = q.dtype
@@ -64,7 +65,8 @@ def run_dense(core, q, k, v, g, beta, scale, initial_state, output_final_state, 
         cu = [int(x) for x in cu_seqlens.tolist()]
         q, k, v, g, beta = pack_varlen(cu, q, k, v, g, beta)
     h0 = None if initial_state is None else initial_state.to(dtype)
-    o, h_final = core(q, k, v, g, beta, scale, h0, **kwargs)
+    o, h_final, *per_token = core(q, k, v, g, beta, scale, h0, **kwargs)
     if cu is not None:
         o = unpack_varlen(cu, o)
-    return o.to(out_dtype), (h_final if output_final_state else None)
+        per_token = [unpack_varlen(cu, x) for x in per_token]
+    return (o.to(out_dtype), (h_final if output_final_state else None), *per_token)
