@@ -20,14 +20,15 @@ from flashdelta.testing import make_case, oracle, rel_l2
 from flashdelta.triton import chunk as tc
 
 VARIANTS = [
-    # precision, warps_recurrence, block_v, warps_inverse
-    ("split", 4, 64, 2),
-    ("split", 8, 64, 2),
-    ("split", 4, 32, 2),
-    ("split", 8, 128, 2),
-    ("split", 4, 64, 4),
-    ("bf16", 8, 64, 2),
+    # precision, warps_recurrence, block_v, stages, warps_inverse, inverse
+    ("split", 4, 64, 2, 4, "tiles64"),
+    ("split", 4, 64, 2, 8, "tiles64"),
+    ("split", 4, 64, 2, 2, "blocks16"),
+    ("split", 4, 64, 3, 4, "tiles64"),
+    ("split", 4, 32, 2, 4, "tiles64"),
+    ("bf16", 4, 64, 2, 4, "tiles64"),
 ]
+KNOBS = ("precision", "warps_recurrence", "block_v", "stages", "warps_inverse", "inverse")
 SHAPES = [("1x8K 16/16", [8192], 16, 16), ("1x32K 16/16", [32768], 16, 16), ("8x4K 16/32", [4096] * 8, 16, 32)]
 ERROR_KINDS = ["random", "near_identical_keys", "strong_decay", "large_initial_state"]
 
@@ -43,29 +44,57 @@ def bench(args, kw, pc=None):
     return triton.testing.do_bench(lambda: run(args, kw, pc), warmup=10, rep=60, return_mode="median")
 
 
+def breakdown(args, kw, pc=None, reps=10):
+    """Milliseconds per call of each kernel (torch profiler), keyed by kernel name."""
+    run(args, kw, pc)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            run(args, kw, pc)
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        if e.key.startswith("_"):
+            out[e.key.strip("_").replace("_kernel", "")] = e.device_time_total / 1e3 / reps
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--partitions", action="store_true")
+    ap.add_argument("--best", type=int, default=None,
+                    help="index of the variant the partition sweep uses (default: the fastest timed one)")
+    ap.add_argument("--variants", default=None, help="comma-separated indices of VARIANTS to time")
     opts = ap.parse_args()
     inputs = {name: make_inputs(Shape("prefill", name, lens, h, hv, gate="strong"), "cuda")
               for name, lens, h, hv in SHAPES}
     cases = [make_case(kind, torch.bfloat16, "cuda", seed=11, seq_len=2048, heads=2, value_heads=4, dk=128)
              for kind in ERROR_KINDS]
     refs = [oracle(c) for c in cases]
-    head = f"{'variant':24}" + "".join(f"{n:>13}" for n, *_ in SHAPES) + "".join(
+    head = f"{'variant':34}" + "".join(f"{n:>13}" for n, *_ in SHAPES) + "".join(
         f"{k[:9] + ' o/s':>20}" for k in ERROR_KINDS)
     print(head)
-    for prec, wr, bv, wi in VARIANTS:
-        tc.TUNING.update(precision=prec, warps_recurrence=wr, block_v=bv, warps_inverse=wi)
+    chosen = [VARIANTS[int(i)] for i in opts.variants.split(",")] if opts.variants else VARIANTS
+    totals = {}
+    for variant in chosen:
+        tc.TUNING.update(dict(zip(KNOBS, variant)))
+        prec, wr, bv, st, wi, inv = variant
         times = [bench(*inputs[name]) for name, *_ in SHAPES]
+        if prec == "split":  # the partition sweep uses an exact variant
+            totals[variant] = sum(times)
         errs = []
         for case, (o_ref, s_ref) in zip(cases, refs):
             o, s = run(case.args(), case.kwargs)
             errs.append(f"{rel_l2(o, o_ref):.1e}/{rel_l2(s, s_ref):.1e}")
-        label = f"{prec} w{wr} bv{bv} wi{wi}"
-        print(f"{label:24}" + "".join(f"{t:13.3f}" for t in times) + "".join(f"{e:>20}" for e in errs), flush=True)
+        label = f"{prec} w{wr} bv{bv} st{st} wi{wi} {inv}"
+        print(f"{label:34}" + "".join(f"{t:13.3f}" for t in times) + "".join(f"{e:>20}" for e in errs), flush=True)
+        parts = breakdown(*inputs[SHAPES[0][0]])
+        print(f"{'':34}{SHAPES[0][0]} per kernel, ms: " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()),
+              flush=True)
     if opts.partitions:
-        tc.TUNING.update(dict(zip(("precision", "warps_recurrence", "block_v", "warps_inverse"), VARIANTS[0])))
+        best = VARIANTS[opts.best] if opts.best is not None else min(totals, key=totals.get)
+        tc.TUNING.update(dict(zip(KNOBS, best)))
+        print(f"\npartition sweep with {best}")
         choices = [None, 10**9, 8, 16, 32, 64, 128]
         print("\npartition_chunks (None = auto, one = one partition per sequence), ms")
         print(f"{'shape':16}" + "".join(f"{str(c if c != 10**9 else 'one'):>9}" for c in choices))

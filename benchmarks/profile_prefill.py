@@ -1,18 +1,30 @@
 """One prefill call at a benchmark shape, for a profiler to look at:
 
     ncu --clock-control none -k regex:_recurrence_kernel python benchmarks/profile_prefill.py 1x8K
+
+Options set `flashdelta.triton.chunk.TUNING` knobs, e.g. `--block-v 32 --stages 2`.
 """
 
-import sys
+import argparse
 
 import torch
 
 import flashdelta as fd
 from flashdelta.bench import Shape, make_inputs
+from flashdelta.triton import chunk as tc
 
 SHAPES = {"1x8K": ([8192], 16, 16), "1x32K": ([32768], 16, 16), "8x4K": ([4096] * 8, 16, 32)}
 
-lens, h, hv = SHAPES[sys.argv[1] if len(sys.argv) > 1 else "1x8K"]
+ap = argparse.ArgumentParser()
+ap.add_argument("shape", nargs="?", default="1x8K", choices=sorted(SHAPES))
+ap.add_argument("--block-v", type=int)
+ap.add_argument("--stages", type=int)
+ap.add_argument("--warps", type=int)
+opts = ap.parse_args()
+for knob, value in (("block_v", opts.block_v), ("stages", opts.stages), ("warps_recurrence", opts.warps)):
+    if value is not None:
+        tc.TUNING[knob] = value
+lens, h, hv = SHAPES[opts.shape]
 args, kw = make_inputs(Shape("prefill", "p", lens, h, hv), "cuda")
 for _ in range(2):  # compile, then the profiled call
     fd.chunk_gated_delta_rule(*args, output_final_state=True, backend="triton", **kw)

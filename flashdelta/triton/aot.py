@@ -27,7 +27,7 @@ TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 def _pointers(dtype) -> dict:
     io = "*" + TYPES[dtype]
     types = {n: io for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}
-    types.update({n: "*fp32" for n in ("g_ptr", "beta_ptr", "t_ptr", "state_in_ptr", "state_out_ptr", "map_d_ptr",
+    types.update({n: "*fp32" for n in ("g_ptr", "beta_ptr", "t_ptr", "gcum_ptr", "state_in_ptr", "state_out_ptr", "map_d_ptr",
                                        "map_m_ptr", "h0_ptr", "starts_ptr", "ht_ptr")})
     types.update({n: "*i32" for n in ("chunk_ptr", "part_ptr", "seq_ptr", "cu_ptr")})
     types.update({"a_ptr": "*fp32", "b_ptr": "*fp32", "a_log_ptr": "*fp32", "dt_bias_ptr": "*fp32", "pool_ptr": "*fp32",
@@ -59,10 +59,22 @@ def compile_kernel(fn, pointer_types: dict, params: dict, arch: int = 90):
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
+def _descriptors(dtype, rec: dict) -> dict:
+    """Signature types of the recurrence's TMA descriptor arguments (as a launch mangles them)."""
+    io = TYPES[dtype]
+    tile = lambda ty, cols: f"tensordesc<{ty}[{tc.CHUNK_SIZE},{cols}]>"  # noqa: E731
+    return {"q_ptr": tile(io, rec["BK"]), "k_ptr": tile(io, rec["BK"]), "v_ptr": tile(io, rec["BV"]),
+            "t_ptr": tile("bf16" if rec["T_SPLIT"] else "fp32", tc.CHUNK_SIZE)}
+
+
 def prefill_kernels(dtype, dim: int, arch: int = 90):
     cfg = tc.launch_config(dtype, dim, dim, group=2, hv=32, use_qk_l2norm=False)
     ptrs = _pointers(dtype)
+    if cfg["inverse"]["T_SPLIT"]:
+        ptrs["t_ptr"] = "*bf16"
     yield "inverse", compile_kernel(tc._inverse_kernel, ptrs, cfg["inverse"], arch)
+    if cfg["recurrence"]["TMA"]:
+        ptrs = {**ptrs, **_descriptors(dtype, cfg["recurrence"])}
     yield "output pass", compile_kernel(tc._recurrence_kernel, ptrs, dict(
         cfg["recurrence"], MAP=False, PARTITIONED=True, HAS_STATE_IN=True, STORE_FINAL=True), arch)
     yield "map pass", compile_kernel(tc._recurrence_kernel, ptrs, dict(

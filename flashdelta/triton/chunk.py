@@ -3,17 +3,21 @@
 Three kernels, plus one for long sequences with few heads:
 
 1. `_inverse_kernel`, parallel over (chunk, value head): T = (I + A)^-1 for the chunk's
-   A_ij = beta_i exp(G_i - G_j) k_i.k_j (j < i), by forward substitution on the four 16x16
-   diagonal blocks and a blockwise merge, all fp32. Writes T: [B, T, HV, 64] fp32.
+   A_ij = beta_i exp(G_i - G_j) k_i.k_j (j < i), by blocked substitution with doubling
+   block sizes on 64 x 64 tiles (tensor cores, fp32-accurate products). Writes
+   T_u = T diag(beta) [B, T, HV, 64] (fp32, or a bf16 hi + lo pair for bf16 inputs) and
+   the in-chunk prefix sums G of g as fp32 hi + lo [B, T, HV, 2].
 2. `_recurrence_kernel`, parallel over (partition, value head, column block), sequential
-   over the chunks of its partition: U' = T diag(beta) V, U = U' - T diag(beta e^G) (K S), o = scale (e^G Q S + (Q K^T o L) U), S <- e^{G_C} S + K~^T U.
+   over the chunks of its partition: U = T_u (V - e^G (K S)),
+   o = scale (e^G Q S + (Q K^T o L) U), S <- e^{G_C} S + K^T (e^{G_C - G} U).
    In MAP mode it computes a partition's affine state map instead of outputs: the end
    state from a zero start (D, the V columns) and from start I with v = 0 (M, K columns).
 3. `_chain_kernel`: the partition starts S_p = M_{p-1} S_{p-1} + D_{p-1}, per sequence.
 
 Partitioning is exact (no decay assumption); with one partition per sequence the map and
-chain kernels are skipped. Temporary memory: T (64 fp32 per token and value head, less
-than q + k + v) and, with partitions, P small [K, V + K] maps.
+chain kernels are skipped. The recurrence reads its chunk tiles through TMA descriptors
+where the layout allows (Hopper; block pointers otherwise). Temporary memory: T_u and G
+(66 fp32 per token and value head, less than q + k + v) and, with partitions, P small [K, V + K] maps.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .common import PRECISIONS, dot_dtype, interpreting, mm, mm_split_a, mm_split_ab, mm_split_b, sm_count
 
@@ -56,6 +61,24 @@ def _load_tile(ptr, base, n_rows, n_cols, s_t, s_d, col0, BR: tl.constexpr, BC: 
 
 
 @triton.jit
+def _load_chunk(src, base, row, head, dim, col0, n_rows, n_cols, s_t, s_d, BR: tl.constexpr, BC: tl.constexpr,
+                L2NORM: tl.constexpr, TMA: tl.constexpr):
+    """[BR, BC] tile of one head's tokens. TMA: `src` is a descriptor of the tensor viewed as
+    [B * T, heads * dim], the tile at (row, head * dim + col0): one bulk copy into shared
+    memory, no per-thread addresses; rows past the chunk belong to the next sequence (or are
+    zero past the tensor): the caller masks what they feed. Else a block pointer from
+    `src` + `base`, zero past n_rows."""
+    if TMA:
+        x = src.load([row.to(tl.int32), (head * dim + col0).to(tl.int32)])
+        if L2NORM:
+            x = x.to(tl.float32)
+            x = x * tl.rsqrt(tl.sum(x * x, 1) + 1e-6)[:, None]
+    else:
+        x = _load_tile(src, base, n_rows, n_cols, s_t, s_d, col0, BR, BC, L2NORM)
+    return x
+
+
+@triton.jit
 def _gram(a, b, DOT: tl.constexpr, EXACT: tl.constexpr):
     """a @ b^T for key/query tiles: one product when they are exact in DOT, else split."""
     if EXACT:
@@ -65,185 +88,154 @@ def _gram(a, b, DOT: tl.constexpr, EXACT: tl.constexpr):
 
 
 @triton.jit
-def _diag_inverse(a):
-    """(I + a)^-1 for a strictly lower 16x16 tile, by forward substitution."""
-    r = tl.arange(0, 16)
-    t = (r[:, None] == r[None, :]).to(tl.float32)
-    for i in tl.static_range(1, 16):
-        sel = r == i
-        a_i = tl.sum(tl.where(sel[:, None], a, 0.0), 0)  # row i of a
-        # T[i, :] = e_i - sum_{j < i} a[i, j] T[j, :]   (T[i, :] is still e_i here)
-        new = sel.to(tl.float32) - tl.sum(a_i[:, None] * t, 0)
-        t = tl.where(sel[:, None], new[None, :], t)
-    return t
-
-
-@triton.jit
-def _f32mm(a, b):
-    return tl.dot(a, b, input_precision="ieee")
+def _store_hi_lo(ptr, x, mask):
+    """fp64 x as two fp32 numbers at ptr and ptr + 1: hi + lo carries ~48 bits."""
+    hi = x.to(tl.float32)
+    tl.store(ptr, hi, mask=mask)
+    tl.store(ptr + 1, (x - hi.to(tl.float64)).to(tl.float32), mask=mask)
 
 
 @triton.jit
 def _inverse_kernel(
-    k_ptr, g_ptr, beta_ptr, t_ptr, chunk_ptr,
-    s_kb, s_kt, s_kh, s_kd, s_gb, s_gt, s_gh, s_bb, s_bt, s_bh, s_tb, s_tt, s_th,
+    k_ptr, g_ptr, beta_ptr, t_ptr, gcum_ptr, chunk_ptr,
+    s_kb, s_kt, s_kh, s_kd, s_gb, s_gt, s_gh, s_bb, s_bt, s_bh, s_tb, s_tt, s_th, s_cb, s_ct, s_ch,
     GROUP: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-    L2NORM: tl.constexpr, K_EXACT: tl.constexpr, DOT: tl.constexpr,
+    L2NORM: tl.constexpr, K_EXACT: tl.constexpr, DOT: tl.constexpr, T_SPLIT: tl.constexpr,
 ):
+    """T_u = (I + A)^-1 diag(beta) of one chunk and head, on whole 64 x 64 tiles with the tensor
+    cores: blocked substitution with doubling block sizes, T_2 = I - E_1, then
+    T_2s = T_s - T_s E_s T_s for s = 2 .. 32 (E_s: the lower-left s x s blocks inside each 2s
+    block of A). Each T_s is the exact inverse of the block diagonal of size s (no powers of
+    A); products are fp32-accurate (hi + lo bf16 split, or 3xTF32 for fp32 operands)."""
     i_c = tl.program_id(0)
     i_h = tl.program_id(1)
     b = tl.load(chunk_ptr + i_c * 3).to(tl.int64)
     t0 = tl.load(chunk_ptr + i_c * 3 + 1).to(tl.int64)
     n = tl.load(chunk_ptr + i_c * 3 + 2)
     i_hk = i_h // GROUP
-    k_base = b * s_kb + t0 * s_kt + i_hk * s_kh
-    g_base = b * s_gb + t0 * s_gt + i_h * s_gh
-    be_base = b * s_bb + t0 * s_bt + i_h * s_bh
-    r = tl.arange(0, 16)
-    ck = tl.arange(0, BK)
-
-    k0 = _load_rows(k_ptr, k_base, r, n, s_kt, ck, K, s_kd, L2NORM)
-    k1 = _load_rows(k_ptr, k_base, r + 16, n, s_kt, ck, K, s_kd, L2NORM)
-    k2 = _load_rows(k_ptr, k_base, r + 32, n, s_kt, ck, K, s_kd, L2NORM)
-    k3 = _load_rows(k_ptr, k_base, r + 48, n, s_kt, ck, K, s_kd, L2NORM)
-    g0 = tl.load(g_ptr + g_base + r * s_gt, mask=r < n, other=0.0).to(tl.float32)
-    g1 = tl.load(g_ptr + g_base + (r + 16) * s_gt, mask=r + 16 < n, other=0.0).to(tl.float32)
-    g2 = tl.load(g_ptr + g_base + (r + 32) * s_gt, mask=r + 32 < n, other=0.0).to(tl.float32)
-    g3 = tl.load(g_ptr + g_base + (r + 48) * s_gt, mask=r + 48 < n, other=0.0).to(tl.float32)
-    b0 = tl.load(beta_ptr + be_base + r * s_bt, mask=r < n, other=0.0).to(tl.float32)
-    b1 = tl.load(beta_ptr + be_base + (r + 16) * s_bt, mask=r + 16 < n, other=0.0).to(tl.float32)
-    b2 = tl.load(beta_ptr + be_base + (r + 32) * s_bt, mask=r + 32 < n, other=0.0).to(tl.float32)
-    b3 = tl.load(beta_ptr + be_base + (r + 48) * s_bt, mask=r + 48 < n, other=0.0).to(tl.float32)
-    # in-chunk cumulative log decay, block by block, in fp64 (see _chunk_step)
-    g0, g1, g2, g3 = g0.to(tl.float64), g1.to(tl.float64), g2.to(tl.float64), g3.to(tl.float64)
-    G0 = tl.cumsum(g0, 0)
-    G1 = tl.cumsum(g1, 0) + tl.sum(g0, 0)
-    G2 = tl.cumsum(g2, 0) + tl.sum(g0, 0) + tl.sum(g1, 0)
-    G3 = tl.cumsum(g3, 0) + tl.sum(g0, 0) + tl.sum(g1, 0) + tl.sum(g2, 0)
-
-    strict = r[:, None] > r[None, :]
-    # diagonal blocks: exponent masked to <= 0 before exp
-    a00 = _gram(k0, k0, DOT, K_EXACT) * tl.exp(tl.where(strict, (G0[:, None] - G0[None, :]).to(tl.float32), float("-inf"))) * b0[:, None]
-    a11 = _gram(k1, k1, DOT, K_EXACT) * tl.exp(tl.where(strict, (G1[:, None] - G1[None, :]).to(tl.float32), float("-inf"))) * b1[:, None]
-    a22 = _gram(k2, k2, DOT, K_EXACT) * tl.exp(tl.where(strict, (G2[:, None] - G2[None, :]).to(tl.float32), float("-inf"))) * b2[:, None]
-    a33 = _gram(k3, k3, DOT, K_EXACT) * tl.exp(tl.where(strict, (G3[:, None] - G3[None, :]).to(tl.float32), float("-inf"))) * b3[:, None]
-    # below-diagonal blocks: row tokens come after column tokens, so G_i - G_j <= 0
-    a10 = _gram(k1, k0, DOT, K_EXACT) * tl.exp((G1[:, None] - G0[None, :]).to(tl.float32)) * b1[:, None]
-    a20 = _gram(k2, k0, DOT, K_EXACT) * tl.exp((G2[:, None] - G0[None, :]).to(tl.float32)) * b2[:, None]
-    a21 = _gram(k2, k1, DOT, K_EXACT) * tl.exp((G2[:, None] - G1[None, :]).to(tl.float32)) * b2[:, None]
-    a30 = _gram(k3, k0, DOT, K_EXACT) * tl.exp((G3[:, None] - G0[None, :]).to(tl.float32)) * b3[:, None]
-    a31 = _gram(k3, k1, DOT, K_EXACT) * tl.exp((G3[:, None] - G1[None, :]).to(tl.float32)) * b3[:, None]
-    a32 = _gram(k3, k2, DOT, K_EXACT) * tl.exp((G3[:, None] - G2[None, :]).to(tl.float32)) * b3[:, None]
-
-    t00 = _diag_inverse(a00)
-    t11 = _diag_inverse(a11)
-    t22 = _diag_inverse(a22)
-    t33 = _diag_inverse(a33)
-    # block forward substitution: T_ij = -T_ii sum_{j <= m < i} A_im T_mj
-    t10 = -_f32mm(t11, _f32mm(a10, t00))
-    t21 = -_f32mm(t22, _f32mm(a21, t11))
-    t32 = -_f32mm(t33, _f32mm(a32, t22))
-    t20 = -_f32mm(t22, _f32mm(a20, t00) + _f32mm(a21, t10))
-    t31 = -_f32mm(t33, _f32mm(a31, t11) + _f32mm(a32, t21))
-    t30 = -_f32mm(t33, _f32mm(a30, t00) + _f32mm(a31, t10) + _f32mm(a32, t20))
-
-    zero = tl.zeros((16, 16), tl.float32)
-    base = t_ptr + b * s_tb + t0 * s_tt + i_h * s_th
-    p = base + r[:, None] * s_tt + r[None, :]
-    tl.store(p, t00, mask=r[:, None] < n)
-    tl.store(p + 16, zero, mask=r[:, None] < n)
-    tl.store(p + 32, zero, mask=r[:, None] < n)
-    tl.store(p + 48, zero, mask=r[:, None] < n)
-    p = p + 16 * s_tt
-    tl.store(p, t10, mask=r[:, None] + 16 < n)
-    tl.store(p + 16, t11, mask=r[:, None] + 16 < n)
-    tl.store(p + 32, zero, mask=r[:, None] + 16 < n)
-    tl.store(p + 48, zero, mask=r[:, None] + 16 < n)
-    p = p + 16 * s_tt
-    tl.store(p, t20, mask=r[:, None] + 32 < n)
-    tl.store(p + 16, t21, mask=r[:, None] + 32 < n)
-    tl.store(p + 32, t22, mask=r[:, None] + 32 < n)
-    tl.store(p + 48, zero, mask=r[:, None] + 32 < n)
-    p = p + 16 * s_tt
-    tl.store(p, t30, mask=r[:, None] + 48 < n)
-    tl.store(p + 16, t31, mask=r[:, None] + 48 < n)
-    tl.store(p + 32, t32, mask=r[:, None] + 48 < n)
-    tl.store(p + 48, t33, mask=r[:, None] + 48 < n)
+    rt = tl.arange(0, CHUNK)
+    k = _load_rows(k_ptr, b * s_kb + t0 * s_kt + i_hk * s_kh, rt, n, s_kt, tl.arange(0, BK), K, s_kd, L2NORM)
+    g = tl.load(g_ptr + b * s_gb + (t0 + rt) * s_gt + i_h * s_gh, mask=rt < n, other=0.0).to(tl.float64)
+    beta = tl.load(beta_ptr + b * s_bb + (t0 + rt) * s_bt + i_h * s_bh, mask=rt < n, other=0.0).to(tl.float32)
+    G = tl.cumsum(g, 0)  # fp64: differences of large sums stay exact (strong decay)
+    _store_hi_lo(gcum_ptr + b * s_cb + (t0 + rt) * s_ct + i_h * s_ch, G, rt < n)
+    row = rt[:, None]
+    col = rt[None, :]
+    a = _gram(k, k, DOT, K_EXACT) * tl.exp(tl.where(row > col, (G[:, None] - G[None, :]).to(tl.float32),
+                                                     float("-inf"))) * beta[:, None]
+    t = (row == col).to(tl.float32) - tl.where((row % 2 == 1) & (col == row - 1), a, 0.0)
+    for level in tl.static_range(1, 6):
+        size = 1 << level  # 2, 4, 8, 16, 32
+        e = tl.where(((row // size) % 2 == 1) & (col // size == row // size - 1), a, 0.0)
+        t = t - mm_split_ab(t, mm_split_ab(e, t, DOT), DOT)
+    t = t * beta[None, :]  # T_u = T diag(beta)
+    mask = (rt < n)[:, None]
+    if T_SPLIT:
+        p = t_ptr + b * s_tb + (t0 + row) * s_tt + 2 * i_h * s_th + col
+        hi = t.to(tl.bfloat16)
+        tl.store(p, hi, mask=mask)
+        tl.store(p + s_th, (t - hi.to(tl.float32)).to(tl.bfloat16), mask=mask)
+    else:
+        tl.store(t_ptr + b * s_tb + (t0 + row) * s_tt + i_h * s_th + col, t, mask=mask)
 
 
 @triton.jit
-def _chunk_step(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, t_ptr, o_ptr, state, b, t0, t_end, i_h, i_hk, c0, is_m,
+def _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end, t_total, i_h, i_hk, c0, is_m,
                 s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd,
-                s_gb, s_gt, s_gh, s_bb, s_bt, s_bh, s_tb, s_tt, s_th, s_ob, s_ot, s_oh, scale,
+                s_cb, s_ct, s_ch, s_tb, s_tt, s_th, s_ob, s_ot, s_oh, scale,
                 K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr,
-                L2NORM: tl.constexpr, K_EXACT: tl.constexpr, V_EXACT: tl.constexpr, DOT: tl.constexpr,
-                PREC: tl.constexpr):
-    """One chunk of the recurrence: writes the chunk's outputs (unless MAP), returns the new state."""
+                L2NORM: tl.constexpr, K_EXACT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                TMA: tl.constexpr, T_SPLIT: tl.constexpr):
+    """One chunk of the recurrence: writes the chunk's outputs (unless MAP), returns the new state.
+
+    U = T_u (V - e^G (K S)) with T_u = (I + A)^-1 diag(beta) from the inverse kernel;
+    o = scale (e^G (Q S) + (Q K^T o L) U); S <- e^{G_C} S + K^T (e^{G_C - G} U).
+    """
     rt = tl.arange(0, CHUNK)
-    causal = rt[:, None] >= rt[None, :]
     n = t_end - t0
     n_rows = tl.minimum(n, CHUNK).to(tl.int32)
-    k = _load_tile(k_ptr, b * s_kb + t0 * s_kt + i_hk * s_kh, n_rows, K, s_kt, s_kd, 0, CHUNK, BK, L2NORM)
-    g = tl.load(g_ptr + b * s_gb + (t0 + rt) * s_gt + i_h * s_gh, mask=rt < n, other=0.0).to(tl.float32)
-    beta = tl.load(beta_ptr + b * s_bb + (t0 + rt) * s_bt + i_h * s_bh, mask=rt < n, other=0.0).to(tl.float32)
-    tinv = _load_tile(t_ptr, b * s_tb + t0 * s_tt + i_h * s_th, n_rows, CHUNK, s_tt, 1, 0, CHUNK, CHUNK, False)
-    # Prefix sums and their differences in fp64: G_C - G_j and G_i - G_j are differences of
-    # large numbers under strong decay (|G| ~ 1e3), where fp32 would lose the recent tokens.
-    gate64 = tl.cumsum(g.to(tl.float64), 0)
-    gate_last64 = tl.sum(g.to(tl.float64), 0)
-    gate_exp = tl.exp(gate64.to(tl.float32))
-    t_u = tinv * beta[None, :]
-    t_w = t_u * gate_exp[None, :]
-    # U = U' - W S with W = T_w K, evaluated as T_w (K S): no [C, K] W tile in registers
-    if K_EXACT:
-        ks = mm_split_b(k.to(DOT), state, DOT, PREC)  # [C, BV]
+    row = b * t_total + t0  # in the [B * T, heads * dim] view of the TMA descriptors
+    k = _load_chunk(k_ptr, b * s_kb + t0 * s_kt + i_hk * s_kh, row, i_hk, K, 0, n_rows, K, s_kt, s_kd, CHUNK, BK,
+                    L2NORM, TMA)
+    if T_SPLIT:
+        t_hi = _load_chunk(t_ptr, b * s_tb + t0 * s_tt + 2 * i_h * s_th, row, 2 * i_h, CHUNK, 0, n_rows, CHUNK,
+                           s_tt, 1, CHUNK, CHUNK, False, TMA)
+        t_lo = _load_chunk(t_ptr, b * s_tb + t0 * s_tt + (2 * i_h + 1) * s_th, row, 2 * i_h + 1, CHUNK, 0, n_rows,
+                           CHUNK, s_tt, 1, CHUNK, CHUNK, False, TMA)
     else:
-        ks = mm_split_ab(k, state, DOT, PREC)
-    u = -mm_split_ab(t_w, ks, DOT, PREC)
-    if not is_m:
-        v = _load_tile(v_ptr, b * s_vb + t0 * s_vt + i_h * s_vh, n_rows, V, s_vt, s_vd, c0, CHUNK, BV, False)
-        if V_EXACT:
-            u += mm_split_a(t_u, v.to(DOT), DOT, PREC)
-        else:
-            u += mm_split_ab(t_u, v, DOT, PREC)
-    if not MAP:
-        q = _load_tile(q_ptr, b * s_qb + t0 * s_qt + i_hk * s_qh, n_rows, K, s_qt, s_qd, 0, CHUNK, BK, L2NORM)
-        # G_i - G_j from fp32 hi + lo parts of G: the hi difference is exact where it cancels
-        # (Sterbenz), so this matches an fp64 difference without an fp64 [C, C] tile.
-        g_hi = gate64.to(tl.float32)
-        g_lo = (gate64 - g_hi.to(tl.float64)).to(tl.float32)
-        diff = (g_hi[:, None] - g_hi[None, :]) + (g_lo[:, None] - g_lo[None, :])
-        decay = tl.exp(tl.where(causal, diff, float("-inf")))
-        a_qk = _gram(q, k, DOT, K_EXACT) * decay
+        t_u = _load_chunk(t_ptr, b * s_tb + t0 * s_tt + i_h * s_th, row, i_h, CHUNK, 0, n_rows, CHUNK, s_tt, 1,
+                          CHUNK, CHUNK, False, TMA)
+    # prefix sums of g as fp32 hi + lo (fp64 in the inverse kernel): under strong decay
+    # G_C - G_j is a difference of numbers ~1e3, where one fp32 would lose the recent tokens
+    c_row = gcum_ptr + b * s_cb + t0 * s_ct + i_h * s_ch
+    g_hi = tl.load(c_row + rt * s_ct, mask=rt < n, other=0.0)
+    g_lo = tl.load(c_row + rt * s_ct + 1, mask=rt < n, other=0.0)
+    last_hi = tl.load(c_row + (n_rows - 1) * s_ct)
+    last_lo = tl.load(c_row + (n_rows - 1) * s_ct + 1)
+    gate_exp = tl.exp(g_hi)
+    # K S and Q S with the state as hi + lo (one rounding of S costs 1.2e-3 of the state
+    # without decay: NOTES.md, precision study)
+    if DOT == tl.float32:
+        ks = mm(k, state, DOT)
+    else:
+        s_hi = state.to(DOT)
+        s_lo = (state - s_hi.to(tl.float32)).to(DOT)
         if K_EXACT:
-            o = mm_split_b(q.to(DOT), state, DOT, PREC)
+            ks = tl.dot(k.to(DOT), s_lo, tl.dot(k.to(DOT), s_hi))
+        else:
+            ks = mm_split_ab(k, state, DOT, PREC)
+    # a select, not a branch on is_m: Triton 3.6 miscompiles the branch here (layout pass)
+    v = _load_chunk(v_ptr, b * s_vb + t0 * s_vt + i_h * s_vh, row, i_h, V, c0, n_rows, V, s_vt, s_vd, CHUNK, BV,
+                    False, TMA)
+    x = tl.where(is_m, 0.0, v.to(tl.float32)) - gate_exp[:, None] * ks
+    # rows past the chunk's tokens are zero (with TMA they hold the next sequence's T_u)
+    if T_SPLIT:
+        x_hi = x.to(DOT)
+        x_lo = (x - x_hi.to(tl.float32)).to(DOT)
+        t_hi, t_lo = t_hi.to(DOT), t_lo.to(DOT)  # no-ops on the GPU
+        u = tl.dot(t_hi, x_lo, tl.dot(t_lo, x_hi, tl.dot(t_hi, x_hi)))
+    else:
+        u = mm_split_ab(t_u, x, DOT, PREC)
+    u = tl.where((rt < n)[:, None], u, 0.0)
+    if not MAP:
+        causal = rt[:, None] >= rt[None, :]
+        q = _load_chunk(q_ptr, b * s_qb + t0 * s_qt + i_hk * s_qh, row, i_hk, K, 0, n_rows, K, s_qt, s_qd, CHUNK,
+                        BK, L2NORM, TMA)
+        # G_i - G_j from the hi + lo parts: the hi difference is exact where it cancels (Sterbenz)
+        diff = (g_hi[:, None] - g_hi[None, :]) + (g_lo[:, None] - g_lo[None, :])
+        a_qk = _gram(q, k, DOT, K_EXACT) * tl.exp(tl.where(causal, diff, float("-inf")))
+        if DOT == tl.float32:
+            o = mm(q, state, DOT)
+        elif K_EXACT:
+            o = tl.dot(q.to(DOT), s_lo, tl.dot(q.to(DOT), s_hi))
         else:
             o = mm_split_ab(q, state, DOT, PREC)
         o = o * gate_exp[:, None] + mm_split_ab(a_qk, u, DOT, PREC)
         o_p = tl.make_block_ptr(o_ptr + b * s_ob + t0 * s_ot + i_h * s_oh, (n_rows, V), (s_ot, 1), (0, c0),
                                 (CHUNK, BV), (1, 0))
         tl.store(o_p, (o * scale).to(o_ptr.dtype.element_ty), boundary_check=(0, 1))
-    u_tilde = u * tl.exp((gate_last64 - gate64).to(tl.float32))[:, None]  # exp(G_C - G_j) <= 1
+    u_tilde = u * tl.exp((last_hi - g_hi) + (last_lo - g_lo))[:, None]  # exp(G_C - G_j) <= 1
     if K_EXACT:
         upd = mm_split_b(tl.trans(k.to(DOT)), u_tilde, DOT, PREC)
     else:
         upd = mm_split_ab(tl.trans(k), u_tilde, DOT, PREC)
-    state = state * tl.exp(gate_last64.to(tl.float32)) + upd
-    return state
+    return state * tl.exp(last_hi + last_lo) + upd
 
 
 @triton.jit
 def _recurrence_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, t_ptr, o_ptr,
+    q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr,
     state_in_ptr, state_out_ptr, map_d_ptr, map_m_ptr, part_ptr,
     s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd,
-    s_gb, s_gt, s_gh, s_bb, s_bt, s_bh, s_tb, s_tt, s_th, s_ob, s_ot, s_oh,
-    scale,
+    s_cb, s_ct, s_ch, s_tb, s_tt, s_th, s_ob, s_ot, s_oh,
+    scale, t_total,
     HV: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NVB: tl.constexpr, MAP: tl.constexpr, PARTITIONED: tl.constexpr, HAS_STATE_IN: tl.constexpr,
-    STORE_FINAL: tl.constexpr, L2NORM: tl.constexpr, K_EXACT: tl.constexpr, V_EXACT: tl.constexpr,
-    DOT: tl.constexpr, PREC: tl.constexpr, WHILE_LOOPS: tl.constexpr,
+    STORE_FINAL: tl.constexpr, L2NORM: tl.constexpr, K_EXACT: tl.constexpr,
+    DOT: tl.constexpr, PREC: tl.constexpr, WHILE_LOOPS: tl.constexpr, TMA: tl.constexpr, T_SPLIT: tl.constexpr,
 ):
+    """q_ptr, k_ptr, v_ptr, t_ptr: tensor descriptors when TMA, else pointers (+ strides);
+    t_total: T of the [B, T, ...] inputs."""
     i_p = tl.program_id(0)
     i_h = tl.program_id(1)
     i_v = tl.program_id(2)
@@ -280,17 +272,17 @@ def _recurrence_kernel(
     if WHILE_LOOPS:
         t0 = t_start
         while t0 < t_end:
-            state = _chunk_step(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, t_ptr, o_ptr, state, b, t0, t_end, i_h, i_hk,
+            state = _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end, t_total, i_h, i_hk,
                                 c0, is_m, s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh,
-                                s_vd, s_gb, s_gt, s_gh, s_bb, s_bt, s_bh, s_tb, s_tt, s_th, s_ob, s_ot, s_oh, scale,
-                                K, V, BK, BV, MAP, L2NORM, K_EXACT, V_EXACT, DOT, PREC)
+                                s_vd, s_cb, s_ct, s_ch, s_tb, s_tt, s_th, s_ob, s_ot, s_oh, scale,
+                                K, V, BK, BV, MAP, L2NORM, K_EXACT, DOT, PREC, TMA, T_SPLIT)
             t0 += CHUNK
     else:
         for t0 in range(t_start, t_end, CHUNK):
-            state = _chunk_step(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, t_ptr, o_ptr, state, b, t0, t_end, i_h, i_hk,
+            state = _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end, t_total, i_h, i_hk,
                                 c0, is_m, s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh,
-                                s_vd, s_gb, s_gt, s_gh, s_bb, s_bt, s_bh, s_tb, s_tt, s_th, s_ob, s_ot, s_oh, scale,
-                                K, V, BK, BV, MAP, L2NORM, K_EXACT, V_EXACT, DOT, PREC)
+                                s_vd, s_cb, s_ct, s_ch, s_tb, s_tt, s_th, s_ob, s_ot, s_oh, scale,
+                                K, V, BK, BV, MAP, L2NORM, K_EXACT, DOT, PREC, TMA, T_SPLIT)
 
     if MAP:
         if is_m:
@@ -359,8 +351,10 @@ def _chain_kernel(
 TUNING = {
     "precision": "split",  # products with an fp32 operand: "split" | "tf32" | "bf16" (common.PRECISIONS)
     "block_v": None,  # state column block; None: 64 for K <= 128, else 32
-    "warps_inverse": 2,
+    "warps_inverse": 4,
     "warps_recurrence": 4,
+    "stages": 2,  # pipeline stages of the recurrence's tile loads; None: as fits (launch_config)
+    "tma": True,  # recurrence tile loads through TMA descriptors where the layout allows (Hopper+)
 }
 
 
@@ -429,16 +423,43 @@ def launch_config(dtype: torch.dtype, dk: int, dv: int, group: int, hv: int, use
     # Pipelined tile loads live in shared memory (227 KB a block). fp32 operands at K = 128:
     # 296 KB at 3 stages, 131 KB at 1; bf16 at K = 256: 280 KB at 3, 197 KB at 2.
     stages = 1 if dot == tl.float32 else (2 if bk > 128 else 3)
+    if TUNING["stages"] is not None and dot != tl.float32:
+        stages = min(stages, TUNING["stages"])
     warps = 4 if interpreting() else TUNING["warps_recurrence"]
-    inverse = dict(GROUP=group, K=dk, BK=bk, L2NORM=use_qk_l2norm, K_EXACT=k_exact, DOT=dot,
+    # T_u as a bf16 hi + lo pair for bf16 inputs with split products (PREC 0); else fp32. (Also
+    # under the interpreter, whose fp32 products then check the pair's data path.)
+    t_split = dtype == torch.bfloat16 and prec == 0
+    inverse = dict(GROUP=group, K=dk, BK=bk, L2NORM=use_qk_l2norm, K_EXACT=k_exact, DOT=dot, T_SPLIT=t_split,
                    num_warps=TUNING["warps_inverse"], num_stages=stages)
     recurrence = dict(HV=hv, GROUP=group, K=dk, V=dv, BK=bk, BV=bv, NVB=triton.cdiv(dv, bv), L2NORM=use_qk_l2norm,
-                      K_EXACT=k_exact, V_EXACT=exact, DOT=dot, PREC=prec, WHILE_LOOPS=interpreting(),
+                      K_EXACT=k_exact, DOT=dot, PREC=prec, WHILE_LOOPS=interpreting(), TMA=TUNING["tma"],
+                      T_SPLIT=t_split,
                       num_warps=warps, num_stages=stages)
     chain = dict(HV=hv, K=dk, V=dv, BK=bk, BV=bv, BKC=min(bk, 64), DOT=dot, PREC=prec, num_warps=warps,
                  num_stages=stages)
     return {"inverse": inverse, "recurrence": recurrence, "chain": chain,
             "nvb": triton.cdiv(dv, bv), "nkb": triton.cdiv(dk, bv)}
+
+
+def _tma_view(x: torch.Tensor, dim: int, cols: int):
+    """Descriptor of [B, T, heads, D] x viewed as [B * T, heads * D] for [CHUNK, cols] tiles at
+    column head * D + c (D == dim), or None where TMA cannot read it: heads and D must merge,
+    B and T must merge, the inner stride be 1 and the base and row stride 16-byte aligned,
+    and tiles must not straddle heads (D a multiple of cols)."""
+    bsz, t_len, heads, d = x.shape
+    if d != dim or d % cols or x.stride(3) != 1 or (heads > 1 and x.stride(2) != d):
+        return None
+    if bsz > 1 and x.stride(0) != t_len * x.stride(1):
+        return None
+    if x.data_ptr() % 16 or (x.stride(1) * x.element_size()) % 16 or (cols * x.element_size()) % 16:
+        return None
+    return TensorDescriptor(x, [bsz * t_len, heads * d], [x.stride(1), 1], [CHUNK_SIZE, cols])
+
+
+def _tma_supported(device: torch.device) -> bool:
+    if interpreting():
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, output_final_state=False,
@@ -479,22 +500,32 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
             final.copy_(initial_state if initial_state is not None else torch.zeros_like(final))
         return o, final
     h0 = initial_state.contiguous() if initial_state is not None else None
-    tinv = torch.empty(bsz, t_len, hv, CHUNK_SIZE, dtype=torch.float32, device=device)
+    if cfg["inverse"]["T_SPLIT"]:  # bf16 hi + lo of head h at heads 2h, 2h + 1
+        tinv = torch.empty(bsz, t_len, 2 * hv, CHUNK_SIZE, dtype=torch.bfloat16, device=device)
+    else:
+        tinv = torch.empty(bsz, t_len, hv, CHUNK_SIZE, dtype=torch.float32, device=device)
+    gcum = torch.empty(bsz, t_len, hv, 2, dtype=torch.float32, device=device)
 
     _inverse_kernel[(plan["num_chunks"], hv)](
-        k, g, beta, tinv, plan["chunks"], *k.stride(), *g.stride(), *beta.stride(), *tinv.stride()[:3],
-        **cfg["inverse"],
+        k, g, beta, tinv, gcum, plan["chunks"], *k.stride(), *g.stride(), *beta.stride(), *tinv.stride()[:3],
+        *gcum.stride()[:3], **cfg["inverse"],
     )
     partitioned = plan["num_maps"] > 0
-    strides = (*q.stride(), *k.stride(), *v.stride(), *g.stride(), *beta.stride(), *tinv.stride()[:3],
-               *o.stride()[:3])
+    strides = (*q.stride(), *k.stride(), *v.stride(), *gcum.stride()[:3], *tinv.stride()[:3], *o.stride()[:3])
+    rec = dict(cfg["recurrence"])
+    descs = None
+    if rec["TMA"] and _tma_supported(device):
+        descs = [_tma_view(q, dk, rec["BK"]), _tma_view(k, dk, rec["BK"]), _tma_view(v, dv, rec["BV"]),
+                 _tma_view(tinv, CHUNK_SIZE, CHUNK_SIZE)]
+    rec["TMA"] = descs is not None and all(d is not None for d in descs)
+    tiles = (*descs[:3], gcum, descs[3], o) if rec["TMA"] else (q, k, v, gcum, tinv, o)
     state_in = h0
     if partitioned:
         map_d = torch.empty(plan["num_maps"], hv, dk, dv, dtype=torch.float32, device=device)
         map_m = torch.empty(plan["num_maps"], hv, dk, dk, dtype=torch.float32, device=device)
         _recurrence_kernel[(plan["num_maps"], hv, nvb + nkb)](
-            q, k, v, g, beta, tinv, o, None, None, map_d, map_m, plan["maps"], *strides, scale,
-            MAP=True, PARTITIONED=True, HAS_STATE_IN=False, STORE_FINAL=False, **cfg["recurrence"],
+            *tiles, None, None, map_d, map_m, plan["maps"], *strides, scale, t_len,
+            MAP=True, PARTITIONED=True, HAS_STATE_IN=False, STORE_FINAL=False, **rec,
         )
         starts = torch.empty(plan["num_parts"], hv, dk, dv, dtype=torch.float32, device=device)
         _chain_kernel[(num_seqs, hv, nvb)](
@@ -502,8 +533,8 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
         )
         state_in = starts
     _recurrence_kernel[(plan["num_parts"], hv, nvb)](
-        q, k, v, g, beta, tinv, o, state_in, final, None, None, plan["parts"], *strides, scale,
+        *tiles, state_in, final, None, None, plan["parts"], *strides, scale, t_len,
         MAP=False, PARTITIONED=partitioned, HAS_STATE_IN=state_in is not None, STORE_FINAL=final is not None,
-        **cfg["recurrence"],
+        **rec,
     )
     return o, final

@@ -94,3 +94,28 @@ def test_no_final_state(seed, device):
     case = make_case("random", torch.float32, device, seed=seed, seq_len=70)
     o, s = fd.chunk_gated_delta_rule(*case.args(), backend="triton")
     assert s is None and torch.isfinite(o).all()
+
+
+def _strided(x):
+    """A view of x with a head stride that TMA cannot read ([B, T, H, D] inside [B, T, H, D + 8])."""
+    wide = torch.zeros(*x.shape[:3], x.shape[3] + 8, dtype=x.dtype, device=x.device)
+    wide[..., : x.shape[3]] = x
+    return wide[..., : x.shape[3]]
+
+
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "block_pointers"])
+@pytest.mark.parametrize("kind", ["random", "varlen", "strong_decay"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_tile_loaders_agree(kind, dtype, tma, seed, device, monkeypatch):
+    """Both ways of reading chunk tiles: TMA descriptors (rows past a sequence belong to the
+    next one and must be masked; dense B = 2 at T = 130 has a ragged last chunk) and block
+    pointers (forced, and taken anyway for a layout TMA cannot read)."""
+    from flashdelta.triton import chunk as tc
+
+    monkeypatch.setitem(tc.TUNING, "tma", tma)
+    case = make_case(kind, dtype, device, seed=seed, seq_len=130)
+    check(case, *run(case, partition_chunks=1))
+    if not tma:
+        case.q, case.k, case.v = (_strided(x) for x in (case.q, case.k, case.v))
+        assert tc._tma_view(case.q, case.q.shape[3], 32) is None
+        check(case, *run(case, partition_chunks=1))

@@ -1,0 +1,51 @@
+"""Run every Triton kernel once at a small shape, for compute-sanitizer on a GPU:
+
+    compute-sanitizer --tool memcheck python benchmarks/sanitize_kernels.py
+    compute-sanitizer --tool racecheck python benchmarks/sanitize_kernels.py
+
+Covers the inverse, map, chain and output passes of the prefill (partitioned varlen, with
+an initial state and a ragged last chunk), the token loop, and the decode kernel on a pool
+with a negative index. Exits non-zero if an output is not finite.
+"""
+
+import torch
+
+import flashdelta as fd
+from flashdelta.triton.chunk import chunk_gated_delta_rule_fwd
+
+
+def main():
+    torch.manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: run under TRITON_INTERPRET=1
+    h, hv, d = 2, 4, 128
+    lens = [1, 70, 200]
+    total = sum(lens)
+    cu = torch.tensor([0, 1, 71, 271], device=dev)
+    q, k = (torch.randn(1, total, h, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    k = torch.nn.functional.normalize(k.float(), dim=-1).bfloat16()
+    v = torch.randn(1, total, hv, d, device=dev, dtype=torch.bfloat16)
+    g = -torch.rand(1, total, hv, device=dev)
+    beta = torch.rand(1, total, hv, device=dev)
+    h0 = torch.randn(len(lens), hv, d, d, device=dev)
+    o, s = chunk_gated_delta_rule_fwd(q, k, v, g, beta, d**-0.5, h0, True, cu, False, partition_chunks=1)
+    o2, s2 = fd.fused_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                                                 cu_seqlens=cu, backend="triton")
+    slots, bsz = 8, 3
+    pool = torch.randn(slots, hv, d, d, device=dev)
+    idx = torch.tensor([5, -1, 2], device=dev)
+    args = (torch.zeros(hv, device=dev), torch.randn(bsz, 1, hv, device=dev), torch.zeros(hv, device=dev), 1.0, 20.0,
+            torch.randn(bsz, 1, h, d, device=dev, dtype=torch.bfloat16),
+            torch.randn(bsz, 1, h, d, device=dev, dtype=torch.bfloat16),
+            torch.randn(bsz, 1, hv, d, device=dev, dtype=torch.bfloat16), torch.randn(bsz, 1, hv, device=dev),
+            pool, idx)
+    o3 = fd.fused_sigmoid_gating_delta_rule_update(*args, use_qk_l2norm_in_kernel=True, backend="triton")
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    ok = all(torch.isfinite(x).all() for x in (o, s, o2, s2, o3, pool))
+    print("outputs finite:", ok, "| prefill vs token loop rel diff:",
+          ((o.float() - o2.float()).norm() / o2.float().norm()).item())
+    raise SystemExit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
