@@ -41,6 +41,7 @@ class Problem:
     head_dim_v: int  # V
     num_seqs: int  # N
     scale: float
+    seq_offsets: tuple | None = None  # cu_seqlens as read on the host by validation (one sync)
 
 
 def _check_tensor(name: str, x, ndim: int, layout: str) -> None:
@@ -92,6 +93,7 @@ def validate(q, k, v, g, beta, scale=None, initial_state=None, cu_seqlens=None, 
         raise ValueError(f"scale must be a positive finite number, got {scale}")
 
     num_seqs = b
+    offsets = None
     if cu_seqlens is not None:
         if not isinstance(cu_seqlens, torch.Tensor):
             raise TypeError(f"cu_seqlens must be a 1-D integer torch.Tensor, got {type(cu_seqlens).__name__}")
@@ -121,7 +123,7 @@ def validate(q, k, v, g, beta, scale=None, initial_state=None, cu_seqlens=None, 
         if initial_state.dtype not in allowed:
             raise TypeError(f"initial_state must be float32 (float64 allowed with float64 inputs), "
                             f"got {initial_state.dtype}")
-    return Problem(b, t_len, h, hv, dk, dv, num_seqs, float(scale))
+    return Problem(b, t_len, h, hv, dk, dv, num_seqs, float(scale), None if offsets is None else tuple(offsets))
 
 
 def _resolve_mode(mode) -> str:
@@ -150,7 +152,7 @@ def _run(path, q, k, v, g, beta, scale, initial_state, output_final_state, cu_se
     if state_v_first and initial_state is not None:
         initial_state = initial_state.transpose(-1, -2)  # a view; the paths read [K, V] by strides
     o, final = fn(q, k, v, g, beta, problem.scale, initial_state, bool(output_final_state), cu_seqlens,
-                  bool(use_qk_l2norm_in_kernel))
+                  bool(use_qk_l2norm_in_kernel), seq_offsets=problem.seq_offsets)
     if state_v_first and final is not None:
         final = final.transpose(-1, -2).contiguous()
     return o, final

@@ -2,7 +2,9 @@
 
 A backend offers `chunk(...)` and `recurrent(...)` with the reference paths'
 signature (q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-use_qk_l2norm) -> (o, final_state | None).
+use_qk_l2norm, seq_offsets=None) -> (o, final_state | None); `seq_offsets` is cu_seqlens
+already read on the host (validation's copy), so a path that needs the values does not
+read the device tensor again.
 """
 
 from __future__ import annotations

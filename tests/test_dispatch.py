@@ -56,3 +56,28 @@ def test_explicit_mode_beats_env(spy, monkeypatch):
 def test_default_backend_on_cpu_is_torch(spy):
     fd.gated_delta_rule(*make_case("random", seq_len=100).args())
     assert spy == ["chunk"]
+
+
+class _CountingOffsets(torch.Tensor):
+    """cu_seqlens that counts its host reads (each is a device sync on a GPU)."""
+
+    reads = 0
+
+    def tolist(self):
+        type(self).reads += 1
+        return super().tolist()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("op", ["chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"])
+def test_cu_seqlens_read_once(op, backend, device):
+    """Validation reads cu_seqlens on the host once; the paths reuse that copy."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    case = make_case("varlen", torch.float32, device, seed=0, dk=16)
+    kw = dict(case.kwargs)
+    _CountingOffsets.reads = 0
+    kw["cu_seqlens"] = kw["cu_seqlens"].as_subclass(_CountingOffsets)
+    o, _ = getattr(fd, op)(*case.args(), output_final_state=True, backend=backend, **kw)
+    assert torch.isfinite(o).all()
+    assert _CountingOffsets.reads == 1

@@ -76,7 +76,7 @@ def chunk_dense(q, k, v, g, beta, scale, h0, chunk_size: int = CHUNK_SIZE):
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_state=False,
-                           cu_seqlens=None, use_qk_l2norm=False, chunk_size: int = CHUNK_SIZE):
+                           cu_seqlens=None, use_qk_l2norm=False, seq_offsets=None, chunk_size: int = CHUNK_SIZE):
     """Validated inputs in the public layout; see `flashdelta.chunk_gated_delta_rule`."""
     return run_dense(chunk_dense, q, k, v, g, beta, scale, initial_state, output_final_state,
-                     cu_seqlens, use_qk_l2norm, chunk_size=chunk_size)
+                     cu_seqlens, use_qk_l2norm, seq_offsets, chunk_size=chunk_size)

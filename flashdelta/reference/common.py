@@ -48,12 +48,14 @@ def unpack_varlen(cu_seqlens: list[int], padded: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0).unsqueeze(0) if parts else padded.new_zeros((1, 0) + tuple(padded.shape[2:]))
 
 
-def run_dense(core, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm, **kwargs):
+def run_dense(core, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm,
+              seq_offsets=None, **kwargs):
     """Upcast, normalise, pack varlen into a padded batch, run `core`, unpack and cast back.
 
     `core(q, k, v, g, beta, scale, h0, **kwargs) -> (o, h_final, *per_token)` works on dense
     [N, T, ...] tensors in the compute dtype; h0 may be None (zero state). Extra per-token
-    outputs ([N, T, ...]) are unpacked like o and returned after the state.
+    outputs ([N, T, ...]) are unpacked like o and returned after the state. `seq_offsets`:
+    cu_seqlens already on the host (else it is read here).
     """
     dtype = compute_dtype(q, k, v, g, beta, initial_state)
     out_dtype = q.dtype
@@ -62,7 +64,7 @@ def run_dense(core, q, k, v, g, beta, scale, initial_state, output_final_state, 
         q, k = l2norm(q), l2norm(k)
     cu = None
     if cu_seqlens is not None:
-        cu = [int(x) for x in cu_seqlens.tolist()]
+        cu = list(seq_offsets) if seq_offsets is not None else [int(x) for x in cu_seqlens.tolist()]
         q, k, v, g, beta = pack_varlen(cu, q, k, v, g, beta)
     h0 = None if initial_state is None else initial_state.to(dtype)
     o, h_final, *per_token = core(q, k, v, g, beta, scale, h0, **kwargs)

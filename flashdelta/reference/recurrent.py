@@ -33,7 +33,7 @@ def recurrent_dense(q, k, v, g, beta, scale, h0, record_states: bool = False):
 
 
 def recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_state=False,
-                               cu_seqlens=None, use_qk_l2norm=False):
+                               cu_seqlens=None, use_qk_l2norm=False, seq_offsets=None):
     """Validated inputs in the public layout; see `flashdelta.fused_recurrent_gated_delta_rule`."""
     return run_dense(recurrent_dense, q, k, v, g, beta, scale, initial_state, output_final_state,
-                     cu_seqlens, use_qk_l2norm)
+                     cu_seqlens, use_qk_l2norm, seq_offsets)

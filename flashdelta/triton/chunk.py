@@ -463,7 +463,8 @@ def _tma_supported(device: torch.device) -> bool:
 
 
 def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, output_final_state=False,
-                               cu_seqlens=None, use_qk_l2norm=False, partition_chunks: int | None = None,
+                               cu_seqlens=None, use_qk_l2norm=False, seq_offsets=None,
+                               partition_chunks: int | None = None,
                                out: torch.Tensor | None = None, final_state_out: torch.Tensor | None = None):
     """Validated inputs in the public layout. Returns (o [B, T, HV, V], final state or None).
 
@@ -476,7 +477,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     group = hv // q.shape[2]
     device = q.device
     if cu_seqlens is not None:
-        cu = [int(x) for x in cu_seqlens.tolist()]
+        cu = list(seq_offsets) if seq_offsets is not None else [int(x) for x in cu_seqlens.tolist()]
         seqs = tuple((0, cu[i], cu[i + 1]) for i in range(len(cu) - 1))
     else:
         seqs = tuple((b, 0, t_len) for b in range(bsz))
