@@ -45,17 +45,31 @@ def bench(args, kw, pc=None):
 
 
 def breakdown(args, kw, pc=None, reps=10):
-    """Milliseconds per call of each kernel (torch profiler), keyed by kernel name."""
+    """Milliseconds per call of each kernel (torch profiler). The recurrence kernel runs
+    twice per call when the sequence is partitioned: first the map pass, then the output."""
     run(args, kw, pc)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             run(args, kw, pc)
         torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.events() if e.name.startswith("_") and e.device_time_total > 0),
+                     key=lambda e: e.time_range.start)
+    return split_by_kernel([(e.name, e.device_time_total / 1e3) for e in kernels], reps)
+
+
+def split_by_kernel(launches, reps):
+    """[(kernel name, ms)] of `reps` identical calls, in launch order -> {name: ms per call};
+    a second recurrence launch in a call is the output pass (the first is the map pass)."""
+    per_call = len(launches) // reps
+    n_rec = sum("recurrence" in name for name, _ in launches[:per_call])
     out = {}
-    for e in prof.key_averages():
-        if e.key.startswith("_"):
-            out[e.key.strip("_").replace("_kernel", "")] = e.device_time_total / 1e3 / reps
+    for i, (name, ms) in enumerate(launches):
+        name = name.strip("_").replace("_kernel", "")
+        if name == "recurrence":
+            before = sum("recurrence" in n for n, _ in launches[i - i % per_call:i])
+            name = "map pass" if n_rec == 2 and before == 0 else "output pass"
+        out[name] = out.get(name, 0.0) + ms / reps
     return out
 
 
@@ -65,7 +79,17 @@ def main():
     ap.add_argument("--best", type=int, default=None,
                     help="index of the variant the partition sweep uses (default: the fastest timed one)")
     ap.add_argument("--variants", default=None, help="comma-separated indices of VARIANTS to time")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="only print each kernel's time per shape with the default TUNING, then exit")
     opts = ap.parse_args()
+    if opts.breakdown:
+        extra = [("1x128K 16/16", [131072], 16, 16), ("1x32K 16/32", [32768], 16, 32)]
+        for name, lens, h, hv in itertools.chain(SHAPES, extra):
+            args, kw = make_inputs(Shape("prefill", name, lens, h, hv, gate="strong"), "cuda")
+            parts = breakdown(args, kw)
+            print(f"{name:14} total {sum(parts.values()):.3f} ms: " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()),
+                  flush=True)
+        return
     inputs = {name: make_inputs(Shape("prefill", name, lens, h, hv, gate="strong"), "cuda")
               for name, lens, h, hv in SHAPES}
     cases = [make_case(kind, torch.bfloat16, "cuda", seed=11, seq_len=2048, heads=2, value_heads=4, dk=128)
