@@ -87,8 +87,8 @@ def main():
         for name, lens, h, hv in itertools.chain(SHAPES, extra):
             args, kw = make_inputs(Shape("prefill", name, lens, h, hv, gate="strong"), "cuda")
             parts = breakdown(args, kw)
-            print(f"{name:14} total {sum(parts.values()):.3f} ms: " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()),
-                  flush=True)
+            kernels = ", ".join(f"{k} {v:.3f}" for k, v in parts.items())
+            print(f"{name:14} total {sum(parts.values()):.3f} ms: {kernels}", flush=True)
         return
     inputs = {name: make_inputs(Shape("prefill", name, lens, h, hv, gate="strong"), "cuda")
               for name, lens, h, hv in SHAPES}
