@@ -28,8 +28,7 @@ def _pointers(dtype) -> dict:
     io = "*" + TYPES[dtype]
     types = {n: io for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}
     types.update({n: "*fp32" for n in ("g_ptr", "beta_ptr", "t_ptr", "gcum_ptr", "state_in_ptr", "state_out_ptr",
-                                       "map_d_ptr",
-                                       "map_m_ptr", "h0_ptr", "starts_ptr", "ht_ptr")})
+                                       "map_d_ptr", "map_m_ptr", "h0_ptr", "starts_ptr", "ht_ptr")})
     types.update({n: "*i32" for n in ("chunk_ptr", "part_ptr", "seq_ptr", "cu_ptr")})
     types.update({"a_ptr": "*fp32", "b_ptr": "*fp32", "a_log_ptr": "*fp32", "dt_bias_ptr": "*fp32", "pool_ptr": "*fp32",
                   "idx_ptr": "*i64", "inter_ptr": "*fp32"})
