@@ -119,3 +119,19 @@ def test_tile_loaders_agree(kind, dtype, tma, seed, device, monkeypatch):
         case.q, case.k, case.v = (_strided(x) for x in (case.q, case.k, case.v))
         assert tc._tma_view(case.q, case.q.shape[3], 32) is None
         check(case, *run(case, partition_chunks=1))
+
+
+def test_tma_view_only_where_the_layout_allows():
+    """A TMA descriptor views [B, T, heads, D] as [B * T, heads * D]: only for layouts where
+    that view is exact and aligned; anything else takes the block-pointer path."""
+    from flashdelta.triton.chunk import _tma_view
+
+    x = torch.zeros(2, 130, 3, 64, dtype=torch.bfloat16)
+    assert _tma_view(x, 64, 64) is not None
+    assert _tma_view(x, 64, 128) is None  # a tile would straddle two heads
+    assert _tma_view(x[:, :, :, :32], 32, 32) is None  # heads and D do not merge
+    assert _tma_view(x[:, :129], 64, 64) is None  # B and T do not merge
+    assert _tma_view(x[:1, :129], 64, 64) is not None  # one sequence: T alone is fine
+    flat = torch.zeros(1 + 130 * 3 * 64, dtype=torch.bfloat16)
+    assert _tma_view(flat[1:].view(1, 130, 3, 64), 64, 64) is None  # base not 16-byte aligned
+    assert _tma_view(x.transpose(2, 3), 3, 3) is None  # inner stride is not 1
