@@ -355,6 +355,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--shapes", default=None, help="only shapes whose label contains one of these comma-separated words")
     p.add_argument("--no-peers", action="store_true", help="time our paths only")
+    p.add_argument("--warm", action="store_true",
+                   help="first call every prefill once at a small shape per head configuration (compiles; "
+                        "FlashQLA's JIT takes ~40 s per kernel and configuration on a fresh machine)")
 
 
 def metadata(device) -> dict:
@@ -527,6 +530,31 @@ def plot(results: list[dict], path: str, meta: dict) -> bool:
     return True
 
 
+def warm_up(shapes: list[Shape], impls: list[Impl], device, log=None) -> float:
+    """Call each implementation's prefill once per head configuration of `shapes`, at a
+    small length (dense, and varlen where the suite has it), so that compilers (Triton's,
+    FlashQLA's TileLang JIT, FLA's autotuning at that shape) run before the timing does.
+    Returns the seconds it took."""
+    log = log or sys.stderr
+    start = time.perf_counter()
+    configs = {(sh.heads, sh.value_heads, sh.dk, sh.dv, sh.dtype, sh.varlen) for sh in shapes if sh.suite == "prefill"}
+    for h, hv, dk, dv, dtype, varlen in sorted(configs):
+        lens = _mixed_lengths(4 * CHUNK_WARM, 4) if varlen else [CHUNK_WARM]
+        small = Shape("prefill", "warm-up", lens, h, hv, dk, dv, varlen=varlen, dtype=dtype)
+        args, kwargs = make_inputs(small, device)
+        for impl in impls:
+            if impl.prefill is not None:
+                t0 = time.perf_counter()
+                impl.prefill(args, kwargs)
+                _sync(device)
+                print(f"warm-up h{h}/{hv} K={dk} V={dv}{' varlen' if varlen else ''}: {impl.name} "
+                      f"{time.perf_counter() - t0:.1f} s", file=log, flush=True)
+    return time.perf_counter() - start
+
+
+CHUNK_WARM = 2048  # tokens of a warm-up sequence
+
+
 def run_bench(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     meta = metadata(device)
@@ -545,6 +573,9 @@ def run_bench(args) -> int:
     if args.shapes:
         words = args.shapes.split(",")
         shapes = [sh for sh in shapes if any(w in f"{sh.suite} {sh.label}" for w in words)]
+
+    if args.warm:
+        meta["warm_up_s"] = round(warm_up(shapes, impls, device), 1)
 
     def write_json(results):  # after every shape, so a run cut short keeps what it measured
         if args.json:

@@ -47,3 +47,16 @@ def test_missing_peer_is_reported_not_a_crash(monkeypatch):
     impls, missing = bench.peer_impls(torch.device("cuda"))
     assert impls == []
     assert any(line.startswith("fla ") for line in missing) and any("flashqla" in line for line in missing)
+
+
+def test_warm_up_calls_each_prefill_once_per_head_configuration(capsys):
+    calls = []
+    impl = bench.Impl("spy", False, prefill=lambda a, kw: calls.append((a[0].shape, "cu_seqlens" in kw)))
+    shapes = [bench.Shape("prefill", "a", [300], 2, 4, 16, 16, dtype="float32"),
+              bench.Shape("prefill", "b", [500], 2, 4, 16, 16, dtype="float32"),  # same configuration
+              bench.Shape("prefill", "v", [100, 200], 2, 4, 16, 16, dtype="float32", varlen=True),
+              bench.Shape("decode", "d", [1] * 4, 2, 4, 16, 16, dtype="float32")]  # not a prefill
+    assert bench.warm_up(shapes, [impl], torch.device("cpu")) >= 0
+    assert sorted(varlen for _, varlen in calls) == [False, True]
+    assert all(shape[2] == 2 and shape[3] == 16 for shape, _ in calls)
+    assert len([line for line in capsys.readouterr().err.splitlines() if line.startswith("warm-up h2/4")]) == 2
