@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .common import PRECISIONS, dot_dtype, interpreting, mm, mm_split_a, mm_split_ab, mm_split_b, sm_count
+from .common import PRECISIONS, dot_dtype, interpreting, mm, mm_split_ab, mm_split_b, sm_count
 
 CHUNK_SIZE = 64
 CHUNK = tl.constexpr(CHUNK_SIZE)  # the kernels' view of it
