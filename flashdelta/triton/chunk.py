@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .common import PRECISIONS, dot_dtype, interpreting, mm, mm_split_ab, mm_split_b, sm_count
+from .common import PRECISIONS, dot_dtype, hi_lo, interpreting, mm, mm_split_ab, mm_split_b, sm_count
 
 CHUNK_SIZE = 64
 CHUNK = tl.constexpr(CHUNK_SIZE)  # the kernels' view of it
@@ -132,9 +132,9 @@ def _inverse_kernel(
     mask = (rt < n)[:, None]
     if T_SPLIT:
         p = t_ptr + b * s_tb + (t0 + row) * s_tt + 2 * i_h * s_th + col
-        hi = t.to(tl.bfloat16)
+        hi, lo = hi_lo(t, tl.bfloat16)
         tl.store(p, hi, mask=mask)
-        tl.store(p + s_th, (t - hi.to(tl.float32)).to(tl.bfloat16), mask=mask)
+        tl.store(p + s_th, lo, mask=mask)
     else:
         tl.store(t_ptr + b * s_tb + (t0 + row) * s_tt + i_h * s_th + col, t, mask=mask)
 
@@ -178,8 +178,7 @@ def _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end
     if DOT == tl.float32:
         ks = mm(k, state, DOT)
     else:
-        s_hi = state.to(DOT)
-        s_lo = (state - s_hi.to(tl.float32)).to(DOT)
+        s_hi, s_lo = hi_lo(state, DOT)
         if K_EXACT:
             ks = tl.dot(k.to(DOT), s_lo, tl.dot(k.to(DOT), s_hi))
         else:
@@ -188,14 +187,13 @@ def _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end
     v = _load_chunk(v_ptr, b * s_vb + t0 * s_vt + i_h * s_vh, row, i_h, V, c0, n_rows, V, s_vt, s_vd, CHUNK, BV,
                     False, TMA)
     x = tl.where(is_m, 0.0, v.to(tl.float32)) - gate_exp[:, None] * ks
-    # rows past the chunk's tokens are zero (with TMA they hold the next sequence's T_u)
     if T_SPLIT:
-        x_hi = x.to(DOT)
-        x_lo = (x - x_hi.to(tl.float32)).to(DOT)
+        x_hi, x_lo = hi_lo(x, DOT)
         t_hi, t_lo = t_hi.to(DOT), t_lo.to(DOT)  # no-ops on the GPU
         u = tl.dot(t_hi, x_lo, tl.dot(t_lo, x_hi, tl.dot(t_hi, x_hi)))
     else:
         u = mm_split_ab(t_u, x, DOT, PREC)
+    # rows past the chunk's tokens are zero (with TMA they hold the next sequence's T_u)
     u = tl.where((rt < n)[:, None], u, 0.0)
     if not MAP:
         causal = rt[:, None] >= rt[None, :]

@@ -49,23 +49,10 @@ PRECISIONS = {"split": 0, "tf32": 1, "bf16": 2}
 
 
 @triton.jit
-def _hi_lo(x, DOT: tl.constexpr):
+def hi_lo(x, DOT: tl.constexpr):
+    """fp32 x as hi + lo in DOT (bf16: ~16 bits together; fp32: x and 0)."""
     hi = x.to(DOT)
     return hi, (x - hi.to(tl.float32)).to(DOT)
-
-
-@triton.jit
-def mm_split_a(a, b, DOT: tl.constexpr, PREC: tl.constexpr = 0):
-    """a (fp32) @ b (exact in DOT)."""
-    if DOT == tl.float32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
-    elif PREC == 0:
-        a_hi, a_lo = _hi_lo(a, DOT)
-        return tl.dot(a_lo, b, tl.dot(a_hi, b))
-    elif PREC == 1:
-        return tl.dot(a, b.to(tl.float32), input_precision="tf32")
-    else:
-        return tl.dot(a.to(DOT), b)
 
 
 @triton.jit
@@ -74,7 +61,7 @@ def mm_split_b(a, b, DOT: tl.constexpr, PREC: tl.constexpr = 0):
     if DOT == tl.float32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
     elif PREC == 0:
-        b_hi, b_lo = _hi_lo(b, DOT)
+        b_hi, b_lo = hi_lo(b, DOT)
         return tl.dot(a, b_lo, tl.dot(a, b_hi))
     elif PREC == 1:
         return tl.dot(a.to(tl.float32), b, input_precision="tf32")
@@ -88,8 +75,8 @@ def mm_split_ab(a, b, DOT: tl.constexpr, PREC: tl.constexpr = 0):
     if DOT == tl.float32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
     elif PREC == 0:
-        a_hi, a_lo = _hi_lo(a, DOT)
-        b_hi, b_lo = _hi_lo(b, DOT)
+        a_hi, a_lo = hi_lo(a, DOT)
+        b_hi, b_lo = hi_lo(b, DOT)
         acc = tl.dot(a_hi, b_hi)
         acc = tl.dot(a_lo, b_hi, acc)
         return tl.dot(a_hi, b_lo, acc)
