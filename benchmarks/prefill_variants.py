@@ -19,16 +19,23 @@ from flashdelta.bench import Shape, make_inputs
 from flashdelta.testing import make_case, oracle, rel_l2
 from flashdelta.triton import chunk as tc
 
+# Each variant: overrides of `flashdelta.triton.chunk.TUNING` (the rest as committed).
 VARIANTS = [
-    # precision, warps_recurrence, block_v, stages, warps_inverse, inverse
-    ("split", 4, 64, 2, 4, "tiles64"),
-    ("split", 4, 64, 2, 8, "tiles64"),
-    ("split", 4, 64, 2, 2, "blocks16"),
-    ("split", 4, 64, 3, 4, "tiles64"),
-    ("split", 4, 32, 2, 4, "tiles64"),
-    ("bf16", 4, 64, 2, 4, "tiles64"),
+    {},
+    {"stages": 2, "stages_map": 2},
+    {"stages": 1, "stages_map": 1},
+    {"stages": 1, "stages_map": 2},
+    {"block_v": 32, "stages": 1, "stages_map": 1},
+    {"block_v": 32, "stages": 2, "stages_map": 2},
+    {"stages": 3, "stages_map": 3},
+    {"precision": "bf16"},
+    {"stages": 1, "stages_map": 1, "maxnreg_map": 168},
+    {"block_v": 32, "stages": 1, "stages_map": 1, "maxnreg": 128, "maxnreg_map": 168},
+    {"block_v": 32, "stages": 1, "stages_map": 1, "maxnreg": 168, "maxnreg_map": 168},
+    {"maxnreg_inverse": 168},
+    {"maxnreg_inverse": 128},
+    {"block_v": 32, "stages": 1, "stages_map": 1, "maxnreg": 128, "maxnreg_map": 168, "tma": False},
 ]
-KNOBS = ("precision", "warps_recurrence", "block_v", "stages", "warps_inverse", "inverse")
 SHAPES = [("1x8K 16/16", [8192], 16, 16), ("1x32K 16/16", [32768], 16, 16), ("8x4K 16/32", [4096] * 8, 16, 32)]
 ERROR_KINDS = ["random", "near_identical_keys", "strong_decay", "large_initial_state"]
 
@@ -73,6 +80,18 @@ def split_by_kernel(launches, reps):
     return out
 
 
+DEFAULT = dict(tc.TUNING)
+
+
+def use(variant: dict) -> None:
+    tc.TUNING.clear()
+    tc.TUNING.update(DEFAULT, **variant)
+
+
+def label(variant: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in variant.items()) or "committed TUNING"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--partitions", action="store_true")
@@ -80,15 +99,20 @@ def main():
                     help="index of the variant the partition sweep uses (default: the fastest timed one)")
     ap.add_argument("--variants", default=None, help="comma-separated indices of VARIANTS to time")
     ap.add_argument("--breakdown", action="store_true",
-                    help="only print each kernel's time per shape with the default TUNING, then exit")
+                    help="only print each kernel's time per shape for each variant, then exit")
     opts = ap.parse_args()
+    chosen = [VARIANTS[int(i)] for i in opts.variants.split(",")] if opts.variants else VARIANTS
     if opts.breakdown:
         extra = [("1x128K 16/16", [131072], 16, 16), ("1x32K 16/32", [32768], 16, 32)]
-        for name, lens, h, hv in itertools.chain(SHAPES, extra):
-            args, kw = make_inputs(Shape("prefill", name, lens, h, hv, gate="strong"), "cuda")
-            parts = breakdown(args, kw)
-            kernels = ", ".join(f"{k} {v:.3f}" for k, v in parts.items())
-            print(f"{name:14} total {sum(parts.values()):.3f} ms: {kernels}", flush=True)
+        shapes = [(name, make_inputs(Shape("prefill", name, lens, h, hv, gate="strong"), "cuda"))
+                  for name, lens, h, hv in itertools.chain(SHAPES, extra)]
+        for variant in chosen:
+            use(variant)
+            print(label(variant), flush=True)
+            for name, (args, kw) in shapes:
+                parts = breakdown(args, kw)
+                kernels = ", ".join(f"{k} {v:.3f}" for k, v in parts.items())
+                print(f"  {name:14} total {sum(parts.values()):.3f} ms: {kernels}", flush=True)
         return
     inputs = {name: make_inputs(Shape("prefill", name, lens, h, hv, gate="strong"), "cuda")
               for name, lens, h, hv in SHAPES}
@@ -98,27 +122,24 @@ def main():
     head = f"{'variant':34}" + "".join(f"{n:>13}" for n, *_ in SHAPES) + "".join(
         f"{k[:9] + ' o/s':>20}" for k in ERROR_KINDS)
     print(head)
-    chosen = [VARIANTS[int(i)] for i in opts.variants.split(",")] if opts.variants else VARIANTS
     totals = {}
-    for variant in chosen:
-        tc.TUNING.update(dict(zip(KNOBS, variant)))
-        prec, wr, bv, st, wi, inv = variant
+    for i, variant in enumerate(chosen):
+        use(variant)
         times = [bench(*inputs[name]) for name, *_ in SHAPES]
-        if prec == "split":  # the partition sweep uses an exact variant
-            totals[variant] = sum(times)
+        if tc.TUNING["precision"] == "split":  # the partition sweep uses an exact variant
+            totals[i] = sum(times)
         errs = []
         for case, (o_ref, s_ref) in zip(cases, refs):
             o, s = run(case.args(), case.kwargs)
             errs.append(f"{rel_l2(o, o_ref):.1e}/{rel_l2(s, s_ref):.1e}")
-        label = f"{prec} w{wr} bv{bv} st{st} wi{wi} {inv}"
-        print(f"{label:34}" + "".join(f"{t:13.3f}" for t in times) + "".join(f"{e:>20}" for e in errs), flush=True)
+        print(f"{label(variant)[:34]:34}" + "".join(f"{t:13.3f}" for t in times) + "".join(f"{e:>20}" for e in errs), flush=True)
         parts = breakdown(*inputs[SHAPES[0][0]])
         print(f"{'':34}{SHAPES[0][0]} per kernel, ms: " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()),
               flush=True)
     if opts.partitions:
-        best = VARIANTS[opts.best] if opts.best is not None else min(totals, key=totals.get)
-        tc.TUNING.update(dict(zip(KNOBS, best)))
-        print(f"\npartition sweep with {best}")
+        best = VARIANTS[opts.best] if opts.best is not None else chosen[min(totals, key=totals.get)]
+        use(best)
+        print(f"\npartition sweep with {label(best)}")
         choices = [None, 10**9, 8, 16, 32, 64, 128]
         print("\npartition_chunks (None = auto, one = one partition per sequence), ms")
         print(f"{'shape':16}" + "".join(f"{str(c if c != 10**9 else 'one'):>9}" for c in choices))

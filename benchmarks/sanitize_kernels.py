@@ -2,22 +2,34 @@
 
     compute-sanitizer --tool memcheck python benchmarks/sanitize_kernels.py
     compute-sanitizer --tool racecheck python benchmarks/sanitize_kernels.py
+    (options: --dim 256, --tuning block_v=32,stages=1)
 
 Covers the inverse, map, chain and output passes of the prefill (partitioned varlen, with
-an initial state and a ragged last chunk), the token loop, and the decode kernel on a pool
+an initial state and a ragged last chunk; a dense batch of two sequences in one partition
+each), the token loop, and the decode kernel on a pool
 with a negative index. Exits non-zero if an output is not finite.
 """
+
+import argparse
 
 import torch
 
 import flashdelta as fd
+from flashdelta.triton import chunk as tc
 from flashdelta.triton.chunk import chunk_gated_delta_rule_fwd
 
 
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tuning", default="", help="prefill TUNING overrides, e.g. block_v=32,stages=1")
+    ap.add_argument("--dim", type=int, default=128, help="K = V (256: the prefill's BV 32 launch)")
+    opts = ap.parse_args()
+    for item in filter(None, opts.tuning.split(",")):
+        key, value = item.split("=")
+        tc.TUNING[key] = type(tc.TUNING[key])(value) if tc.TUNING[key] is not None else int(value)
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: run under TRITON_INTERPRET=1
-    h, hv, d = 2, 4, 128
+    h, hv, d = 2, 4, opts.dim
     lens = [1, 70, 200]
     total = sum(lens)
     cu = torch.tensor([0, 1, 71, 271], device=dev)
@@ -30,6 +42,12 @@ def main():
     o, s = chunk_gated_delta_rule_fwd(q, k, v, g, beta, d**-0.5, h0, True, cu, False, partition_chunks=1)
     o2, s2 = fd.fused_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
                                                  cu_seqlens=cu, backend="triton")
+    qd, kd = (torch.randn(2, 200, h, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    kd = torch.nn.functional.normalize(kd.float(), dim=-1).bfloat16()
+    vd = torch.randn(2, 200, hv, d, device=dev, dtype=torch.bfloat16)
+    gd, bd = -torch.rand(2, 200, hv, device=dev), torch.rand(2, 200, hv, device=dev)
+    od, sd = chunk_gated_delta_rule_fwd(qd, kd, vd, gd, bd, d**-0.5, None, True, None, False, partition_chunks=100)
+    od2, sd2 = fd.fused_recurrent_gated_delta_rule(qd, kd, vd, gd, bd, output_final_state=True, backend="triton")
     slots, bsz = 8, 3
     pool = torch.randn(slots, hv, d, d, device=dev)
     idx = torch.tensor([5, -1, 2], device=dev)
@@ -41,9 +59,10 @@ def main():
     o3 = fd.fused_sigmoid_gating_delta_rule_update(*args, use_qk_l2norm_in_kernel=True, backend="triton")
     if dev == "cuda":
         torch.cuda.synchronize()
-    ok = all(torch.isfinite(x).all() for x in (o, s, o2, s2, o3, pool))
-    print("outputs finite:", ok, "| prefill vs token loop rel diff:",
-          ((o.float() - o2.float()).norm() / o2.float().norm()).item())
+    ok = all(torch.isfinite(x).all() for x in (o, s, o2, s2, od, sd, od2, sd2, o3, pool))
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+    print("outputs finite:", ok, "| prefill vs token loop rel diff: varlen", rel(o, o2), "dense", rel(od, od2),
+          "states", rel(s, s2), rel(sd, sd2))
     raise SystemExit(0 if ok else 1)
 
 

@@ -38,7 +38,7 @@ def _pointers(dtype) -> dict:
 
 
 def compile_kernel(fn, pointer_types: dict, params: dict, arch: int = 90):
-    options = {k: params[k] for k in ("num_warps", "num_stages") if k in params}
+    options = {k: params[k] for k in ("num_warps", "num_stages", "maxnreg") if k in params}
     constexprs = {k: v for k, v in params.items() if k not in options}
     # contiguous tensors: a launch specialises the innermost strides (== 1) as constants,
     # which lets Triton vectorise and pipeline the tile loads (and use more shared memory)

@@ -351,7 +351,14 @@ TUNING = {
     "block_v": None,  # state column block; None: 64 for K <= 128, else 32
     "warps_inverse": 4,
     "warps_recurrence": 4,
-    "stages": 2,  # pipeline stages of the recurrence's tile loads (2: -11% at 1x8K, +2% at 8x4K vs 3); None: as fits
+    # pipeline stages of the output pass's tile loads; None: 2, or 1 at BV 64 where its grid
+    # has more programs than SMs (1 stage lets two share an SM: -8 to -17% there, +15% at
+    # 1x8K where there is one program per SM; BV 32 at 1 stage faults on the GPU: NOTES.md)
+    "stages": None,
+    "stages_map": 2,  # the same for the map pass (2 programs per SM at 2 stages already)
+    "maxnreg": None,  # register cap of the output pass (more programs per SM); None: the compiler's choice
+    "maxnreg_map": None,  # the same for the map pass
+    "maxnreg_inverse": None,  # the same for the inverse kernel
     "tma": True,  # recurrence tile loads through TMA descriptors where the layout allows (Hopper+)
 }
 
@@ -409,9 +416,11 @@ def _plan(seqs: tuple, partition_chunks: int, device: torch.device):
     }
 
 
-def launch_config(dtype: torch.dtype, dk: int, dv: int, group: int, hv: int, use_qk_l2norm: bool) -> dict:
+def launch_config(dtype: torch.dtype, dk: int, dv: int, group: int, hv: int, use_qk_l2norm: bool,
+                  out_programs_per_sm: float = 1.0) -> dict:
     """Constexprs and launch options of the prefill kernels for these sizes: the one source
-    for the launches below and for the offline sm_90 compile test (tests/triton_kernels)."""
+    for the launches below and for the offline sm_90 compile test (tests/triton_kernels).
+    `out_programs_per_sm`: the output pass's grid over the GPU's SMs (chooses its stages)."""
     bk = max(16, triton.next_power_of_2(dk))
     bv = _block_v(dk, dv)
     dot = dot_dtype(dtype)
@@ -420,22 +429,30 @@ def launch_config(dtype: torch.dtype, dk: int, dv: int, group: int, hv: int, use
     prec = PRECISIONS[TUNING["precision"]]
     # Pipelined tile loads live in shared memory (227 KB a block). fp32 operands at K = 128:
     # 296 KB at 3 stages, 131 KB at 1; bf16 at K = 256: 280 KB at 3, 197 KB at 2.
-    stages = 1 if dot == tl.float32 else (2 if bk > 128 else 3)
-    if TUNING["stages"] is not None and dot != tl.float32:
-        stages = min(stages, TUNING["stages"])
+    fits = 1 if dot == tl.float32 else (2 if bk > 128 else 3)
+    stages = min(fits, TUNING["stages"] or (1 if out_programs_per_sm > 1 and bv == 64 else 2))
+    map_stages = min(fits, TUNING["stages_map"] or stages)
     warps = 4 if interpreting() else TUNING["warps_recurrence"]
     # T_u as a bf16 hi + lo pair for bf16 inputs with split products (PREC 0); else fp32. (Also
     # under the interpreter, whose fp32 products then check the pair's data path.)
     t_split = dtype == torch.bfloat16 and prec == 0
     inverse = dict(GROUP=group, K=dk, BK=bk, L2NORM=use_qk_l2norm, K_EXACT=k_exact, DOT=dot, T_SPLIT=t_split,
-                   num_warps=TUNING["warps_inverse"], num_stages=stages)
+                   num_warps=TUNING["warps_inverse"], num_stages=min(fits, 2))
     recurrence = dict(HV=hv, GROUP=group, K=dk, V=dv, BK=bk, BV=bv, NVB=triton.cdiv(dv, bv), L2NORM=use_qk_l2norm,
                       K_EXACT=k_exact, DOT=dot, PREC=prec, WHILE_LOOPS=interpreting(), TMA=TUNING["tma"],
                       T_SPLIT=t_split,
                       num_warps=warps, num_stages=stages)
     chain = dict(HV=hv, K=dk, V=dv, BK=bk, BV=bv, BKC=min(bk, 64), DOT=dot, PREC=prec, num_warps=warps,
-                 num_stages=stages)
-    return {"inverse": inverse, "recurrence": recurrence, "chain": chain,
+                 num_stages=min(fits, 2))
+    map_launch = dict(num_stages=map_stages)
+    if not interpreting():  # register caps: launch options of the CUDA backend only
+        if TUNING["maxnreg_inverse"]:
+            inverse["maxnreg"] = TUNING["maxnreg_inverse"]
+        if TUNING["maxnreg"]:
+            recurrence["maxnreg"] = TUNING["maxnreg"]
+        if TUNING["maxnreg_map"] or TUNING["maxnreg"]:
+            map_launch["maxnreg"] = TUNING["maxnreg_map"] or TUNING["maxnreg"]
+    return {"inverse": inverse, "recurrence": recurrence, "map_launch": map_launch, "chain": chain,
             "nvb": triton.cdiv(dv, bv), "nkb": triton.cdiv(dk, bv)}
 
 
@@ -481,14 +498,19 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     else:
         seqs = tuple((b, 0, t_len) for b in range(bsz))
     num_seqs = len(seqs)
-    cfg = launch_config(q.dtype, dk, dv, group, hv, use_qk_l2norm)
-    nvb, nkb = cfg["nvb"], cfg["nkb"]
+    nvb = triton.cdiv(dv, _block_v(dk, dv))
     chunk_counts = [triton.cdiv(e - s, CHUNK_SIZE) for _, s, e in seqs]
     longest = max(chunk_counts + [1])
     if partition_chunks is None:
         partition_chunks = auto_partition_chunks(num_seqs, sum(chunk_counts), longest, hv, nvb, device)
     partition_chunks = max(1, min(int(partition_chunks), longest))
     plan = _plan(seqs, partition_chunks, device)
+    per_sm = 1.0
+    if device.type == "cuda":
+        per_sm = plan["num_parts"] * hv * nvb / sm_count(device.index if device.index is not None
+                                                          else torch.cuda.current_device())
+    cfg = launch_config(q.dtype, dk, dv, group, hv, use_qk_l2norm, per_sm)
+    nkb = cfg["nkb"]
 
     o = out if out is not None else torch.empty(bsz, t_len, hv, dv, dtype=q.dtype, device=device)
     final = None
@@ -525,7 +547,8 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
         map_m = torch.empty(plan["num_maps"], hv, dk, dk, dtype=torch.float32, device=device)
         _recurrence_kernel[(plan["num_maps"], hv, nvb + nkb)](
             *tiles, None, None, map_d, map_m, plan["maps"], *strides, scale, t_len,
-            MAP=True, PARTITIONED=True, HAS_STATE_IN=False, STORE_FINAL=False, **rec,
+            MAP=True, PARTITIONED=True, HAS_STATE_IN=False, STORE_FINAL=False,
+            **{**rec, **cfg["map_launch"]},
         )
         starts = torch.empty(plan["num_parts"], hv, dk, dv, dtype=torch.float32, device=device)
         _chain_kernel[(num_seqs, hv, nvb)](

@@ -135,3 +135,22 @@ def test_tma_view_only_where_the_layout_allows():
     flat = torch.zeros(1 + 130 * 3 * 64, dtype=torch.bfloat16)
     assert _tma_view(flat[1:].view(1, 130, 3, 64), 64, 64) is None  # base not 16-byte aligned
     assert _tma_view(x.transpose(2, 3), 3, 3) is None  # inner stride is not 1
+
+
+def test_output_pass_stages_follow_the_grid(monkeypatch):
+    """One pipeline stage for the output pass only where its programs outnumber the SMs (two
+    then share an SM) and at BV 64 (the measured case); the map pass keeps two; fp32 operands
+    take one stage at any grid (shared memory). The GPU's choices, so outside the interpreter."""
+    from flashdelta.triton.chunk import launch_config
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+    def stages(dtype, dim, per_sm):
+        cfg = launch_config(dtype, dim, dim, group=1, hv=16, use_qk_l2norm=False, out_programs_per_sm=per_sm)
+        return cfg["recurrence"]["num_stages"], cfg["map_launch"]["num_stages"]
+
+    assert stages(torch.bfloat16, 128, 0.97) == (2, 2)  # 1x8K, 16 heads: one program per SM
+    assert stages(torch.bfloat16, 128, 1.94) == (1, 2)  # 1x32K: two waves
+    assert stages(torch.bfloat16, 128, 3.9) == (1, 2)  # 8x4K
+    assert stages(torch.bfloat16, 256, 3.9) == (2, 2)  # BV 32
+    assert stages(torch.float32, 128, 3.9) == (1, 1)
