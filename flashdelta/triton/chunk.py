@@ -231,6 +231,7 @@ def _recurrence_kernel(
     NVB: tl.constexpr, MAP: tl.constexpr, PARTITIONED: tl.constexpr, HAS_STATE_IN: tl.constexpr,
     STORE_FINAL: tl.constexpr, L2NORM: tl.constexpr, K_EXACT: tl.constexpr,
     DOT: tl.constexpr, PREC: tl.constexpr, WHILE_LOOPS: tl.constexpr, TMA: tl.constexpr, T_SPLIT: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr = False,
 ):
     """q_ptr, k_ptr, v_ptr, t_ptr: tensor descriptors when TMA, else pointers (+ strides);
     t_total: T of the [B, T, ...] inputs."""
@@ -276,7 +277,7 @@ def _recurrence_kernel(
                                 K, V, BK, BV, MAP, L2NORM, K_EXACT, DOT, PREC, TMA, T_SPLIT)
             t0 += CHUNK
     else:
-        for t0 in range(t_start, t_end, CHUNK):
+        for t0 in tl.range(t_start, t_end, CHUNK, warp_specialize=WARP_SPECIALIZE):
             state = _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end, t_total, i_h, i_hk,
                                 c0, is_m, s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh,
                                 s_vd, s_cb, s_ct, s_ch, s_tb, s_tt, s_th, s_ob, s_ot, s_oh, scale,
@@ -360,6 +361,10 @@ TUNING = {
     "maxnreg_map": None,  # the same for the map pass
     "maxnreg_inverse": None,  # the same for the inverse kernel
     "tma": True,  # recurrence tile loads through TMA descriptors where the layout allows (Hopper+)
+    # Triton's automatic warp specialisation of the output pass's chunk loop (a TMA producer
+    # warpgroup beside the compute): compiles for sm_90 (12 warps, 168 registers, 208 KB at
+    # 2 stages), never run on a GPU yet: off until measured (prefill_variants.py)
+    "warp_specialize": False,
 }
 
 
@@ -440,7 +445,7 @@ def launch_config(dtype: torch.dtype, dk: int, dv: int, group: int, hv: int, use
                    num_warps=TUNING["warps_inverse"], num_stages=min(fits, 2))
     recurrence = dict(HV=hv, GROUP=group, K=dk, V=dv, BK=bk, BV=bv, NVB=triton.cdiv(dv, bv), L2NORM=use_qk_l2norm,
                       K_EXACT=k_exact, DOT=dot, PREC=prec, WHILE_LOOPS=interpreting(), TMA=TUNING["tma"],
-                      T_SPLIT=t_split,
+                      T_SPLIT=t_split, WARP_SPECIALIZE=TUNING["warp_specialize"] and not interpreting(),
                       num_warps=warps, num_stages=stages)
     chain = dict(HV=hv, K=dk, V=dv, BK=bk, BV=bv, BKC=min(bk, 64), DOT=dot, PREC=prec, num_warps=warps,
                  num_stages=min(fits, 2))
