@@ -358,7 +358,7 @@ TUNING = {
     "stages": None,
     "stages_map": 2,  # the same for the map pass (2 programs per SM at 2 stages already)
     "maxnreg": None,  # register cap of the output pass (more programs per SM); None: the compiler's choice
-    "maxnreg_map": None,  # the same for the map pass
+    "maxnreg_map": None,  # the same for the map pass; None: as "maxnreg"
     "maxnreg_inverse": None,  # the same for the inverse kernel
     "tma": True,  # recurrence tile loads through TMA descriptors where the layout allows (Hopper+)
     # Triton's automatic warp specialisation of the output pass's chunk loop (a TMA producer
