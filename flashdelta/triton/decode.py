@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .common import interpreting
-from .recurrent import delta_step
+from .recurrent import delta_step, sequence_bounds
 
 
 @triton.jit
@@ -51,16 +51,8 @@ def _decode_kernel(
     i_n = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     i_v = tl.program_id(2)
-    if VARLEN:
-        b = 0
-        t_start = tl.load(cu_ptr + i_n).to(tl.int64)
-        t_end = tl.load(cu_ptr + i_n + 1).to(tl.int64)
-        tok0 = t_start  # global index of the first token (intermediate states)
-    else:
-        b = i_n
-        t_start = 0
-        t_end = T
-        tok0 = i_n * T
+    b, t_start, t_end = sequence_bounds(cu_ptr, i_n, T, VARLEN)
+    tok0 = t_start if VARLEN else i_n * T  # global index of the first token (intermediate states)
     i_hk = i_h // GROUP
     rk = tl.arange(0, BK)
     cv = i_v * BV + tl.arange(0, BV)

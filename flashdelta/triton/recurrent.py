@@ -24,6 +24,21 @@ def delta_step(state, q, k, v, g, beta, scale, L2NORM: tl.constexpr):
 
 
 @triton.jit
+def sequence_bounds(cu_ptr, i_n, T, VARLEN: tl.constexpr):
+    """(batch row, first token, end token) of sequence i_n: row 0 and cu_seqlens[i_n],
+    cu_seqlens[i_n + 1] for varlen; else row i_n and tokens 0 .. T."""
+    if VARLEN:
+        b = 0
+        t_start = tl.load(cu_ptr + i_n).to(tl.int64)
+        t_end = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    else:
+        b = i_n
+        t_start = 0
+        t_end = T
+    return b, t_start, t_end
+
+
+@triton.jit
 def _token_step(q_p, k_p, v_p, g_p, be_p, o_p, state, t, s_qt, s_kt, s_vt, s_gt, s_bt, s_ot, kmask, vmask, scale,
                 L2NORM: tl.constexpr):
     """Load token t, step, store its output. Returns the new state."""
@@ -50,14 +65,7 @@ def _recurrent_kernel(
     i_n = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     i_v = tl.program_id(2)
-    if VARLEN:
-        b = 0
-        t_start = tl.load(seq_ptr + i_n).to(tl.int64)
-        t_end = tl.load(seq_ptr + i_n + 1).to(tl.int64)
-    else:
-        b = i_n
-        t_start = 0
-        t_end = T
+    b, t_start, t_end = sequence_bounds(seq_ptr, i_n, T, VARLEN)
     i_hk = i_h // GROUP
     rk = tl.arange(0, BK)
     cv = i_v * BV + tl.arange(0, BV)
