@@ -17,7 +17,9 @@ from flashdelta.bench import Shape, _decode_step, make_decode_inputs, time_fn
 from flashdelta.testing import rel_l2
 from flashdelta.triton import decode as td
 
-VARIANTS = [(64, 8), (64, 4), (32, 4), (32, 2), (16, 4), (16, 2), (16, 1), (8, 1), (8, 2)]
+# (BV, warps, register cap or None)
+VARIANTS = [(64, 8, None), (64, 4, None), (32, 4, None), (32, 2, None), (16, 4, None), (16, 2, None), (16, 1, None),
+            (8, 1, None), (8, 2, None), (64, 4, 128), (64, 4, 96), (32, 4, 128), (32, 4, 96)]
 SHAPES = [
     ("B=1 T=1", 1, 1, "float32"),
     ("B=16 T=1", 16, 1, "float32"),
@@ -52,14 +54,14 @@ def main():
         o, _ = _decode_step("torch")(d)
         refs[name] = (o.clone(), d["pool"][d["idx"]].float().clone())
         inputs[name], pools[name] = d, pool0
-    print(f"{'BV warps':10}" + "".join(f"{n:>13}" for n, *_ in shapes) + f"{'max err':>10}   (graph, us)")
+    print(f"{'BV warps reg':14}" + "".join(f"{n:>13}" for n, *_ in shapes) + f"{'max err':>10}   (graph, us)")
     step = _decode_step("triton")
-    for bv, warps in chosen:
-        td.TUNING.update(block_v=bv, num_warps=warps)
+    for bv, warps, regs in chosen:
+        td.TUNING.update(block_v=bv, num_warps=warps, maxnreg=regs)
         err = max(check(inputs[n], pools[n], step, refs[n]) for n, *_ in shapes)
         times = [1e3 * time_fn(lambda d=inputs[n]: step(d), device, graph=True) for n, *_ in shapes]
-        print(f"{bv:>3} {warps:>5}  " + "".join(f"{t:13.1f}" for t in times) + f"{err:10.1e}", flush=True)
-    td.TUNING.update(block_v=None, num_warps=None)
+        print(f"{bv:>3} {warps:>5} {regs or '-':>4}  " + "".join(f"{t:13.1f}" for t in times) + f"{err:10.1e}", flush=True)
+    td.TUNING.update(block_v=None, num_warps=None, maxnreg=None)
     if device.type == "cuda":  # what the timing method costs by itself, and what one step launches
         x = torch.zeros(1, device=device)
         print(f"graph of one 1-element kernel: {1e3 * time_fn(lambda: x.add_(1), device, graph=True):.1f} us")

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .common import interpreting
-from .recurrent import delta_step, sequence_bounds
+from .recurrent import delta_step, load_token, sequence_bounds
 
 
 @triton.jit
@@ -24,17 +24,14 @@ def _softplus(x, beta, threshold):
 
 
 @triton.jit
-def _decode_token(q_p, k_p, v_p, a_p, b_p, o_p, state, t, s_qt, s_kt, s_vt, s_at, s_bt, s_ot, kmask, vmask,
-                  neg_a, dt_bias, softplus_beta, softplus_threshold, scale, L2NORM: tl.constexpr):
-    q = tl.load(q_p + t * s_qt, mask=kmask, other=0.0).to(tl.float32)
-    k = tl.load(k_p + t * s_kt, mask=kmask, other=0.0).to(tl.float32)
-    v = tl.load(v_p + t * s_vt, mask=vmask, other=0.0).to(tl.float32)
-    a = tl.load(a_p + t * s_at).to(tl.float32)
-    b = tl.load(b_p + t * s_bt).to(tl.float32)
+def _decode_step(state, token, o_p, neg_a, dt_bias, softplus_beta, softplus_threshold, scale, vmask,
+                 L2NORM: tl.constexpr):
+    """Gates from the raw a, b, then one delta-rule step; stores the token's output at o_p."""
+    q, k, v, a, b = token
     g = neg_a * _softplus(a + dt_bias, softplus_beta, softplus_threshold)  # -exp(A_log) softplus(a + dt_bias)
     beta = tl.sigmoid(b)
     state, o = delta_step(state, q, k, v, g, beta, scale, L2NORM)
-    tl.store(o_p + t * s_ot, o.to(o_p.dtype.element_ty), mask=vmask)
+    tl.store(o_p, o.to(o_p.dtype.element_ty), mask=vmask)
     return state
 
 
@@ -63,7 +60,6 @@ def _decode_kernel(
     has_slot = (slot >= 0) & (slot < num_slots)  # else: zero start, no write back (never out of bounds)
     soff = rk[:, None] * s_pk + cv[None, :] * s_pv
     p_state = pool_ptr + tl.where(has_slot, slot, 0) * s_ps + i_h * s_ph + soff
-    state = tl.load(p_state, mask=smask & has_slot, other=0.0).to(tl.float32)
     neg_a = -tl.exp(tl.load(a_log_ptr + i_h).to(tl.float32))
     dt_bias = tl.load(dt_bias_ptr + i_h).to(tl.float32)
 
@@ -74,26 +70,35 @@ def _decode_kernel(
     b_p = b_ptr + b * s_bb + i_h * s_bh
     o_p = o_ptr + b * s_ob + i_h * s_oh + cv
     i_p = inter_ptr + (tok0 - t_start) * s_it + i_h * s_ih + rk[:, None] * s_ik + cv[None, :] * s_iv
+    # the first token's loads go out before the state's; the loop loads one token ahead
+    cur = load_token(q_p, k_p, v_p, a_p, b_p, t_start, t_start < t_end, s_qt, s_kt, s_vt, s_at, s_bt, kmask, vmask)
+    state = tl.load(p_state, mask=smask & has_slot, other=0.0).to(tl.float32)
     if WHILE_LOOPS:  # the interpreter cannot take loaded loop bounds in range()
         t = t_start
         while t < t_end:
-            state = _decode_token(q_p, k_p, v_p, a_p, b_p, o_p, state, t, s_qt, s_kt, s_vt, s_at, s_bt, s_ot, kmask,
-                                  vmask, neg_a, dt_bias, softplus_beta, softplus_threshold, scale, L2NORM)
+            nxt = load_token(q_p, k_p, v_p, a_p, b_p, t + 1, t + 1 < t_end, s_qt, s_kt, s_vt, s_at, s_bt, kmask,
+                             vmask)
+            state = _decode_step(state, cur, o_p + t * s_ot, neg_a, dt_bias, softplus_beta, softplus_threshold,
+                                 scale, vmask, L2NORM)
             if STORE_INTER:
                 tl.store(i_p + t * s_it, state.to(inter_ptr.dtype.element_ty), mask=smask)
+            cur = nxt
             t += 1
     else:
         for t in range(t_start, t_end):
-            state = _decode_token(q_p, k_p, v_p, a_p, b_p, o_p, state, t, s_qt, s_kt, s_vt, s_at, s_bt, s_ot, kmask,
-                                  vmask, neg_a, dt_bias, softplus_beta, softplus_threshold, scale, L2NORM)
+            nxt = load_token(q_p, k_p, v_p, a_p, b_p, t + 1, t + 1 < t_end, s_qt, s_kt, s_vt, s_at, s_bt, kmask,
+                             vmask)
+            state = _decode_step(state, cur, o_p + t * s_ot, neg_a, dt_bias, softplus_beta, softplus_threshold,
+                                 scale, vmask, L2NORM)
             if STORE_INTER:
                 tl.store(i_p + t * s_it, state.to(inter_ptr.dtype.element_ty), mask=smask)
+            cur = nxt
     tl.store(p_state, state.to(pool_ptr.dtype.element_ty), mask=smask & has_slot)
 
 
 # Launch choices, measured on the GPU (benchmarks/decode_variants.py, NOTES.md); None: the
 # rule in `launch_config`.
-TUNING = {"block_v": None, "num_warps": None}
+TUNING = {"block_v": None, "num_warps": None, "maxnreg": None}
 
 
 def launch_config(dk: int, dv: int) -> dict:
@@ -103,7 +108,10 @@ def launch_config(dk: int, dv: int) -> dict:
     bk = max(16, triton.next_power_of_2(dk))
     bv = TUNING["block_v"] or (64 if bk <= 128 else 32)
     bv = max(8, min(bv, triton.next_power_of_2(dv)))
-    return dict(BK=bk, BV=bv, num_warps=TUNING["num_warps"] or 4)
+    cfg = dict(BK=bk, BV=bv, num_warps=TUNING["num_warps"] or 4)
+    if TUNING["maxnreg"] and not interpreting():  # a register cap: a CUDA launch option only
+        cfg["maxnreg"] = TUNING["maxnreg"]
+    return cfg
 
 
 def sigmoid_gating_delta_rule_update(a_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b,

@@ -39,16 +39,24 @@ def sequence_bounds(cu_ptr, i_n, T, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _token_step(q_p, k_p, v_p, g_p, be_p, o_p, state, t, s_qt, s_kt, s_vt, s_gt, s_bt, s_ot, kmask, vmask, scale,
-                L2NORM: tl.constexpr):
-    """Load token t, step, store its output. Returns the new state."""
-    q = tl.load(q_p + t * s_qt, mask=kmask, other=0.0).to(tl.float32)
-    k = tl.load(k_p + t * s_kt, mask=kmask, other=0.0).to(tl.float32)
-    v = tl.load(v_p + t * s_vt, mask=vmask, other=0.0).to(tl.float32)
-    g = tl.load(g_p + t * s_gt).to(tl.float32)
-    beta = tl.load(be_p + t * s_bt).to(tl.float32)
+def load_token(q_p, k_p, v_p, x_p, y_p, t, valid, s_qt, s_kt, s_vt, s_xt, s_yt, kmask, vmask):
+    """Token t's q, k [BK], v [BV] in fp32 and its two per-token scalars x, y (g and beta, or
+    the raw gates a and b); zeros where not `valid`. The loops below issue these loads one
+    token ahead, so a chain of tokens waits on memory once, not once per token."""
+    q = tl.load(q_p + t * s_qt, mask=kmask & valid, other=0.0).to(tl.float32)
+    k = tl.load(k_p + t * s_kt, mask=kmask & valid, other=0.0).to(tl.float32)
+    v = tl.load(v_p + t * s_vt, mask=vmask & valid, other=0.0).to(tl.float32)
+    x = tl.load(x_p + t * s_xt, mask=valid, other=0.0).to(tl.float32)
+    y = tl.load(y_p + t * s_yt, mask=valid, other=0.0).to(tl.float32)
+    return q, k, v, x, y
+
+
+@triton.jit
+def _token_step(state, token, o_p, scale, vmask, L2NORM: tl.constexpr):
+    """One step of loaded token (q, k, v, g, beta); stores its output at o_p."""
+    q, k, v, g, beta = token
     state, o = delta_step(state, q, k, v, g, beta, scale, L2NORM)
-    tl.store(o_p + t * s_ot, o.to(o_p.dtype.element_ty), mask=vmask)
+    tl.store(o_p, o.to(o_p.dtype.element_ty), mask=vmask)
     return state
 
 
@@ -73,26 +81,31 @@ def _recurrent_kernel(
     vmask = cv < V
     smask = kmask[:, None] & vmask[None, :]
     soff = (i_n * HV + i_h) * K * V + rk[:, None] * V + cv[None, :]
-    if HAS_H0:
-        state = tl.load(h0_ptr + soff, mask=smask, other=0.0).to(tl.float32)
-    else:
-        state = tl.zeros((BK, BV), tl.float32)
     q_p = q_ptr + b * s_qb + i_hk * s_qh + rk * s_qd
     k_p = k_ptr + b * s_kb + i_hk * s_kh + rk * s_kd
     v_p = v_ptr + b * s_vb + i_h * s_vh + cv * s_vd
     g_p = g_ptr + b * s_gb + i_h * s_gh
     be_p = beta_ptr + b * s_bb + i_h * s_bh
     o_p = o_ptr + b * s_ob + i_h * s_oh + cv
+    cur = load_token(q_p, k_p, v_p, g_p, be_p, t_start, t_start < t_end, s_qt, s_kt, s_vt, s_gt, s_bt, kmask, vmask)
+    if HAS_H0:
+        state = tl.load(h0_ptr + soff, mask=smask, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BK, BV), tl.float32)
     if WHILE_LOOPS:  # the interpreter cannot take loaded loop bounds in range()
         t = t_start
         while t < t_end:
-            state = _token_step(q_p, k_p, v_p, g_p, be_p, o_p, state, t, s_qt, s_kt, s_vt, s_gt, s_bt, s_ot,
-                                kmask, vmask, scale, L2NORM)
+            nxt = load_token(q_p, k_p, v_p, g_p, be_p, t + 1, t + 1 < t_end, s_qt, s_kt, s_vt, s_gt, s_bt, kmask,
+                             vmask)
+            state = _token_step(state, cur, o_p + t * s_ot, scale, vmask, L2NORM)
+            cur = nxt
             t += 1
     else:
         for t in range(t_start, t_end):
-            state = _token_step(q_p, k_p, v_p, g_p, be_p, o_p, state, t, s_qt, s_kt, s_vt, s_gt, s_bt, s_ot,
-                                kmask, vmask, scale, L2NORM)
+            nxt = load_token(q_p, k_p, v_p, g_p, be_p, t + 1, t + 1 < t_end, s_qt, s_kt, s_vt, s_gt, s_bt, kmask,
+                             vmask)
+            state = _token_step(state, cur, o_p + t * s_ot, scale, vmask, L2NORM)
+            cur = nxt
     if STORE_FINAL:
         tl.store(ht_ptr + soff, state, mask=smask)
 
