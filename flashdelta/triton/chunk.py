@@ -359,7 +359,9 @@ TUNING = {
     "stages_map": 2,  # the same for the map pass (2 programs per SM at 2 stages already)
     "maxnreg": None,  # register cap of the output pass (more programs per SM); None: the compiler's choice
     "maxnreg_map": None,  # the same for the map pass; None: as "maxnreg"
-    "maxnreg_inverse": None,  # the same for the inverse kernel
+    # the same for the inverse kernel at K <= 128: 168 lets 3 programs share an SM (240
+    # registers: 2): -11 to -13% of the inverse at every shape; 128 spills, +30% (NOTES.md)
+    "maxnreg_inverse": 168,
     "tma": True,  # recurrence tile loads through TMA descriptors where the layout allows (Hopper+)
     # Triton's automatic warp specialisation of the output pass's chunk loop (a TMA producer
     # warpgroup beside the compute): compiles for sm_90 (12 warps, 168 registers, 208 KB at
@@ -375,18 +377,32 @@ def _block_v(dk: int, dv: int) -> int:
     return max(16, min(bv, triton.next_power_of_2(dv)))
 
 
-def auto_partition_chunks(num_seqs: int, total_chunks: int, longest_chunks: int, hv: int, nvb: int,
-                          device: torch.device) -> int:
-    """Chunks per partition. One partition per sequence when the (sequence, head, column
-    block) programs already make two waves; else split so that the partitions' programs make
-    about two waves, never below MIN_PARTITION_CHUNKS chunks: the map pass and the chain cost
-    about as much as the output pass, so short partitions lose (sweep in NOTES.md)."""
+def auto_partition_chunks(chunk_counts: list[int], hv: int, nvb: int, device: torch.device) -> int:
+    """Chunks per partition for sequences of `chunk_counts` chunks. The output pass holds two
+    programs per SM (BV 64, one stage: 255 registers, 80 KB shared), so 2 x SMs of its
+    (partition, head, column block) programs run at once, and a grid just past that adds a
+    second wave as long as the first (1x128K, 16 heads: 9 partitions = 288 programs,
+    output pass 3.65 ms; 8 = 256 programs, 3.05 ms; NOTES.md). So: one partition per
+    sequence when the sequences' programs already fill those slots, else the shortest
+    partitions whose programs still fit in them (one wave), never below MIN_PARTITION_CHUNKS
+    chunks (the map pass and the chain cost about as much as the output pass)."""
+    longest = max(chunk_counts + [1])
     if device.type != "cuda":
-        return longest_chunks  # CPU / interpreter: no parallelism to win
-    target = 2 * sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    if num_seqs * hv * nvb >= target:
-        return longest_chunks
-    return max(MIN_PARTITION_CHUNKS, math.ceil(total_chunks * hv * nvb / target))
+        return longest  # CPU / interpreter: no parallelism to win
+    slots = 2 * sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    per_partition = hv * nvb
+    if len(chunk_counts) * per_partition >= slots:
+        return longest
+    lo, hi = 1, longest  # `longest` fits: one partition per sequence
+    while lo < hi:  # the smallest size whose partitions fit (their count falls as the size grows)
+        mid = (lo + hi) // 2
+        if sum(-(-n // mid) for n in chunk_counts) * per_partition <= slots:
+            hi = mid
+        else:
+            lo = mid + 1
+    if len(chunk_counts) == 1:  # equal partitions: the last one is not a short straggler
+        lo = -(-longest // -(-longest // lo))
+    return max(MIN_PARTITION_CHUNKS, lo)
 
 
 MIN_PARTITION_CHUNKS = 32
@@ -451,7 +467,7 @@ def launch_config(dtype: torch.dtype, dk: int, dv: int, group: int, hv: int, use
                  num_stages=min(fits, 2))
     map_launch = dict(num_stages=map_stages)
     if not interpreting():  # register caps: launch options of the CUDA backend only
-        if TUNING["maxnreg_inverse"]:
+        if TUNING["maxnreg_inverse"] and bk <= 128:  # measured at K <= 128 only
             inverse["maxnreg"] = TUNING["maxnreg_inverse"]
         if TUNING["maxnreg"]:
             recurrence["maxnreg"] = TUNING["maxnreg"]
@@ -507,7 +523,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     chunk_counts = [triton.cdiv(e - s, CHUNK_SIZE) for _, s, e in seqs]
     longest = max(chunk_counts + [1])
     if partition_chunks is None:
-        partition_chunks = auto_partition_chunks(num_seqs, sum(chunk_counts), longest, hv, nvb, device)
+        partition_chunks = auto_partition_chunks(chunk_counts, hv, nvb, device)
     partition_chunks = max(1, min(int(partition_chunks), longest))
     plan = _plan(seqs, partition_chunks, device)
     per_sm = 1.0

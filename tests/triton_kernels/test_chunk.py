@@ -154,3 +154,30 @@ def test_output_pass_stages_follow_the_grid(monkeypatch):
     assert stages(torch.bfloat16, 128, 3.9) == (1, 2)  # 8x4K
     assert stages(torch.bfloat16, 256, 3.9) == (2, 2)  # BV 32
     assert stages(torch.float32, 128, 3.9) == (1, 1)
+
+
+def test_auto_partitions_fill_one_wave(monkeypatch):
+    """The auto partition size: the output pass's programs (partitions x heads x column blocks)
+    fit in the 2 x SMs that run at once, as few chunks per partition as that allows and
+    equal partitions for one sequence (a short straggler or a second wave costs a whole wave:
+    NOTES.md); one partition where the sequences fill the GPU; never below the minimum."""
+    from flashdelta.triton import chunk as tc
+
+    monkeypatch.setattr(tc, "sm_count", lambda index: 132)
+    gpu = torch.device("cuda", 0)
+
+    def parts(counts, hv):
+        size = tc.auto_partition_chunks(counts, hv, 2, gpu)
+        return size, sum(-(-n // size) for n in counts)
+
+    assert parts([2048], 16) == (256, 8)  # 1x128K, 16 heads: 256 programs (9 partitions made 288)
+    assert parts([512], 16) == (64, 8)  # 1x32K
+    assert parts([512], 32) == (128, 4)  # 1x32K, 32 value heads
+    assert parts([2000], 16) == (250, 8)  # equal partitions, not 7 x 286 + 1 x 26
+    assert parts([128], 16) == (tc.MIN_PARTITION_CHUNKS, 4)  # 1x8K: the minimum size
+    assert parts([64] * 8, 32) == (64, 8)  # 8x4K: the sequences fill the GPU
+    for counts, hv in [([300, 40, 7], 8), ([1, 1000], 4), ([5000], 2), ([777] * 3, 16)]:
+        size, n = parts(counts, hv)
+        assert n * hv * 2 <= 264 and (size == tc.MIN_PARTITION_CHUNKS or
+                                      sum(-(-c // (size - 1)) for c in counts) * hv * 2 > 264)
+    assert tc.auto_partition_chunks([2048], 16, 2, torch.device("cpu")) == 2048
