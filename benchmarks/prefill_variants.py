@@ -32,7 +32,7 @@ VARIANTS = [
     {"stages": 1, "stages_map": 1, "maxnreg_map": 168},
     {"block_v": 32, "stages": 1, "stages_map": 1, "maxnreg": 128, "maxnreg_map": 168},
     {"block_v": 32, "stages": 1, "stages_map": 1, "maxnreg": 168, "maxnreg_map": 168},
-    {"maxnreg_inverse": 168},
+    {"maxnreg_inverse": 168},  # committed since v4.2 (the same as {} at K <= 128)
     {"maxnreg_inverse": 128},
     {"block_v": 32, "stages": 1, "stages_map": 1, "maxnreg": 128, "maxnreg_map": 168, "tma": False},
     {"warp_specialize": True},

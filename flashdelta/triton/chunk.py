@@ -364,8 +364,8 @@ TUNING = {
     "maxnreg_inverse": 168,
     "tma": True,  # recurrence tile loads through TMA descriptors where the layout allows (Hopper+)
     # Triton's automatic warp specialisation of the output pass's chunk loop (a TMA producer
-    # warpgroup beside the compute): compiles for sm_90 (12 warps, 168 registers, 208 KB at
-    # 2 stages), never run on a GPU yet: off until measured (prefill_variants.py)
+    # warpgroup beside the compute; 12 warps, one program per SM): measured 40-90% slower
+    # output pass on the H100 (NOTES.md, v4.2); off
     "warp_specialize": False,
 }
 
