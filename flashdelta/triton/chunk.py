@@ -96,11 +96,38 @@ def _store_hi_lo(ptr, x, mask):
 
 
 @triton.jit
+def _diagonal_block_inverse(k, G, beta, DOT: tl.constexpr, K_EXACT: tl.constexpr):
+    """The four 16 x 16 diagonal blocks of T = (I + A)^-1 as a block-diagonal 64 x 64 tile:
+    the same doubling steps as the full tile (T_2s = T_s - T_s E_s T_s, s = 1, 2, 4, 8),
+    on [4, 16, 16] batches. k [64, BK]; G, beta [64]."""
+    kb = tl.reshape(k, (4, 16, k.shape[1]))
+    if K_EXACT:
+        gram = tl.dot(kb.to(DOT), tl.permute(kb.to(DOT), (0, 2, 1)))
+    else:
+        gram = mm_split_ab(kb, tl.permute(kb, (0, 2, 1)), DOT)
+    gb = tl.reshape(G, (4, 16))
+    bb = tl.reshape(beta, (4, 16))
+    r = tl.arange(0, 16)[None, :, None]
+    c = tl.arange(0, 16)[None, None, :]
+    diff = (gb[:, :, None] - gb[:, None, :]).to(tl.float32)
+    a = gram * tl.exp(tl.where(r > c, diff, float("-inf"))) * bb[:, :, None]
+    t = (r == c).to(tl.float32) - tl.where((r % 2 == 1) & (c == r - 1), a, 0.0)
+    for level in tl.static_range(1, 4):
+        size = 1 << level  # 2, 4, 8
+        e = tl.where(((r // size) % 2 == 1) & (c // size == r // size - 1), a, 0.0)
+        t = t - mm_split_ab(t, mm_split_ab(e, t, DOT), DOT)
+    # [4, 16, 16] -> [64, 64]: block b at rows and columns 16 b .. 16 b + 15, zeros elsewhere
+    own = tl.arange(0, 4)[:, None, None, None] == tl.arange(0, 4)[None, None, :, None]
+    return tl.reshape(tl.where(own, t[:, :, None, :], 0.0), (64, 64))
+
+
+@triton.jit
 def _inverse_kernel(
     k_ptr, g_ptr, beta_ptr, t_ptr, gcum_ptr, chunk_ptr,
     s_kb, s_kt, s_kh, s_kd, s_gb, s_gt, s_gh, s_bb, s_bt, s_bh, s_tb, s_tt, s_th, s_cb, s_ct, s_ch,
     GROUP: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
     L2NORM: tl.constexpr, K_EXACT: tl.constexpr, DOT: tl.constexpr, T_SPLIT: tl.constexpr,
+    BLOCKED16: tl.constexpr = False,
 ):
     """T_u = (I + A)^-1 diag(beta) of one chunk and head, on whole 64 x 64 tiles with the tensor
     cores: blocked substitution with doubling block sizes, T_2 = I - E_1, then
@@ -123,11 +150,17 @@ def _inverse_kernel(
     col = rt[None, :]
     a = _gram(k, k, DOT, K_EXACT) * tl.exp(tl.where(row > col, (G[:, None] - G[None, :]).to(tl.float32),
                                                      float("-inf"))) * beta[:, None]
-    t = (row == col).to(tl.float32) - tl.where((row % 2 == 1) & (col == row - 1), a, 0.0)
+    if BLOCKED16:
+        # levels 2, 4, 8 inside the four 16 x 16 diagonal blocks, as one batched product of
+        # [4, 16, 16] tiles (1/16 of the full tile's work), then placed block-diagonally
+        t = _diagonal_block_inverse(k, G, beta, DOT, K_EXACT)
+    else:
+        t = (row == col).to(tl.float32) - tl.where((row % 2 == 1) & (col == row - 1), a, 0.0)
     for level in tl.static_range(1, 6):
-        size = 1 << level  # 2, 4, 8, 16, 32
-        e = tl.where(((row // size) % 2 == 1) & (col // size == row // size - 1), a, 0.0)
-        t = t - mm_split_ab(t, mm_split_ab(e, t, DOT), DOT)
+        if level >= 4 or not BLOCKED16:
+            size = 1 << level  # 2, 4, 8, 16, 32
+            e = tl.where(((row // size) % 2 == 1) & (col // size == row // size - 1), a, 0.0)
+            t = t - mm_split_ab(t, mm_split_ab(e, t, DOT), DOT)
     t = t * beta[None, :]  # T_u = T diag(beta)
     mask = (rt < n)[:, None]
     if T_SPLIT:
@@ -362,6 +395,12 @@ TUNING = {
     # the same for the inverse kernel at K <= 128: 168 lets 3 programs share an SM (240
     # registers: 2): -11 to -13% of the inverse at every shape; 128 spills, +30% (NOTES.md)
     "maxnreg_inverse": 168,
+    # the inverse's first doubling levels (block sizes 2, 4, 8) on the four 16 x 16 diagonal
+    # blocks as batched products instead of full 64 x 64 tiles: 18 of its 31 products become
+    # 1/16 of the size. Exact either way (the same substitution). Offline sm_90, bf16, K = 128:
+    # 168 registers and no spill (now 104 B), 32 KB shared; fp32 operands spill 1.6 KB. Not
+    # yet timed on a GPU: off
+    "inverse_blocked16": False,
     "tma": True,  # recurrence tile loads through TMA descriptors where the layout allows (Hopper+)
     # Triton's automatic warp specialisation of the output pass's chunk loop (a TMA producer
     # warpgroup beside the compute; 12 warps, one program per SM): measured 40-90% slower
@@ -458,6 +497,7 @@ def launch_config(dtype: torch.dtype, dk: int, dv: int, group: int, hv: int, use
     # under the interpreter, whose fp32 products then check the pair's data path.)
     t_split = dtype == torch.bfloat16 and prec == 0
     inverse = dict(GROUP=group, K=dk, BK=bk, L2NORM=use_qk_l2norm, K_EXACT=k_exact, DOT=dot, T_SPLIT=t_split,
+                   BLOCKED16=TUNING["inverse_blocked16"],
                    num_warps=TUNING["warps_inverse"], num_stages=min(fits, 2))
     recurrence = dict(HV=hv, GROUP=group, K=dk, V=dv, BK=bk, BV=bv, NVB=triton.cdiv(dv, bv), L2NORM=use_qk_l2norm,
                       K_EXACT=k_exact, DOT=dot, PREC=prec, WHILE_LOOPS=interpreting(), TMA=TUNING["tma"],
@@ -467,7 +507,7 @@ def launch_config(dtype: torch.dtype, dk: int, dv: int, group: int, hv: int, use
                  num_stages=min(fits, 2))
     map_launch = dict(num_stages=map_stages)
     if not interpreting():  # register caps: launch options of the CUDA backend only
-        if TUNING["maxnreg_inverse"] and bk <= 128:  # measured at K <= 128 only
+        if TUNING["maxnreg_inverse"] and bk <= 128 and dot == tl.bfloat16:  # measured: bf16, K <= 128
             inverse["maxnreg"] = TUNING["maxnreg_inverse"]
         if TUNING["maxnreg"]:
             recurrence["maxnreg"] = TUNING["maxnreg"]

@@ -121,6 +121,19 @@ def test_tile_loaders_agree(kind, dtype, tma, seed, device, monkeypatch):
         check(case, *run(case, partition_chunks=1))
 
 
+@pytest.mark.parametrize("kind", ["near_identical_keys", "cyclic_keys", "strong_decay", "l2norm_in_kernel",
+                                  "varlen", "beta_0_2"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_inverse_on_diagonal_blocks(kind, dtype, seed, device, monkeypatch):
+    """TUNING["inverse_blocked16"]: the first doubling levels on [4, 16, 16] batches give the
+    oracle's answer too, on the inputs that break inexact inverses, ragged chunks included."""
+    from flashdelta.triton import chunk as tc
+
+    monkeypatch.setitem(tc.TUNING, "inverse_blocked16", True)
+    case = make_case(kind, dtype, device, seed=seed, seq_len=130)
+    check(case, *run(case))
+
+
 def test_tma_view_only_where_the_layout_allows():
     """A TMA descriptor views [B, T, heads, D] as [B * T, heads * D]: only for layouts where
     that view is exact and aligned; anything else takes the block-pointer path."""
