@@ -23,7 +23,6 @@ where the layout allows (Hopper; block pointers otherwise). Temporary memory: T_
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
@@ -392,8 +391,9 @@ TUNING = {
     "stages_map": 2,  # the same for the map pass (2 programs per SM at 2 stages already)
     "maxnreg": None,  # register cap of the output pass (more programs per SM); None: the compiler's choice
     "maxnreg_map": None,  # the same for the map pass; None: as "maxnreg"
-    # the same for the inverse kernel at K <= 128: 168 lets 3 programs share an SM (240
-    # registers: 2): -11 to -13% of the inverse at every shape; 128 spills, +30% (NOTES.md)
+    # the same for the inverse kernel (bf16 operands, K <= 128: where it was measured): 168
+    # lets 3 programs share an SM (240 registers: 2): -11 to -13% of the inverse at every
+    # shape; 128 spills, +30% (NOTES.md)
     "maxnreg_inverse": 168,
     # the inverse's first doubling levels (block sizes 2, 4, 8) on the four 16 x 16 diagonal
     # blocks as batched products instead of full 64 x 64 tiles: 18 of its 31 products become
