@@ -78,12 +78,13 @@ def _load_chunk(src, base, row, head, dim, col0, n_rows, n_cols, s_t, s_d, BR: t
 
 
 @triton.jit
-def _gram(a, b, DOT: tl.constexpr, EXACT: tl.constexpr):
-    """a @ b^T for key/query tiles: one product when they are exact in DOT, else split."""
+def _gram(a, b_t, DOT: tl.constexpr, EXACT: tl.constexpr):
+    """a @ b_t for key/query tiles (b_t: a tile transposed, also batched [n, d, rows]): one
+    product when they are exact in DOT, else split."""
     if EXACT:
-        return mm(a.to(DOT), tl.trans(b.to(DOT)), DOT)
+        return mm(a.to(DOT), b_t.to(DOT), DOT)
     else:
-        return mm_split_ab(a, tl.trans(b), DOT)
+        return mm_split_ab(a, b_t, DOT)
 
 
 @triton.jit
@@ -100,10 +101,7 @@ def _diagonal_block_inverse(k, G, beta, DOT: tl.constexpr, K_EXACT: tl.constexpr
     the same doubling steps as the full tile (T_2s = T_s - T_s E_s T_s, s = 1, 2, 4, 8),
     on [4, 16, 16] batches. k [64, BK]; G, beta [64]."""
     kb = tl.reshape(k, (4, 16, k.shape[1]))
-    if K_EXACT:
-        gram = tl.dot(kb.to(DOT), tl.permute(kb.to(DOT), (0, 2, 1)))
-    else:
-        gram = mm_split_ab(kb, tl.permute(kb, (0, 2, 1)), DOT)
+    gram = _gram(kb, tl.permute(kb, (0, 2, 1)), DOT, K_EXACT)
     gb = tl.reshape(G, (4, 16))
     bb = tl.reshape(beta, (4, 16))
     r = tl.arange(0, 16)[None, :, None]
@@ -147,7 +145,7 @@ def _inverse_kernel(
     _store_hi_lo(gcum_ptr + b * s_cb + (t0 + rt) * s_ct + i_h * s_ch, G, rt < n)
     row = rt[:, None]
     col = rt[None, :]
-    a = _gram(k, k, DOT, K_EXACT) * tl.exp(tl.where(row > col, (G[:, None] - G[None, :]).to(tl.float32),
+    a = _gram(k, tl.trans(k), DOT, K_EXACT) * tl.exp(tl.where(row > col, (G[:, None] - G[None, :]).to(tl.float32),
                                                      float("-inf"))) * beta[:, None]
     if BLOCKED16:
         # levels 2, 4, 8 inside the four 16 x 16 diagonal blocks, as one batched product of
@@ -233,7 +231,7 @@ def _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end
                         BK, L2NORM, TMA)
         # G_i - G_j from the hi + lo parts: the hi difference is exact where it cancels (Sterbenz)
         diff = (g_hi[:, None] - g_hi[None, :]) + (g_lo[:, None] - g_lo[None, :])
-        a_qk = _gram(q, k, DOT, K_EXACT) * tl.exp(tl.where(causal, diff, float("-inf")))
+        a_qk = _gram(q, tl.trans(k), DOT, K_EXACT) * tl.exp(tl.where(causal, diff, float("-inf")))
         if DOT == tl.float32:
             o = mm(q, state, DOT)
         elif K_EXACT:
@@ -398,7 +396,7 @@ TUNING = {
     # the inverse's first doubling levels (block sizes 2, 4, 8) on the four 16 x 16 diagonal
     # blocks as batched products instead of full 64 x 64 tiles: 18 of its 31 products become
     # 1/16 of the size. Exact either way (the same substitution). Offline sm_90, bf16, K = 128:
-    # 168 registers and no spill (now 104 B), 32 KB shared; fp32 operands spill 1.6 KB. Not
+    # 168 registers and no spill (now 104 B), 32 KB shared; fp32 operands spill 744 B. Not
     # yet timed on a GPU: off
     "inverse_blocked16": False,
     "tma": True,  # recurrence tile loads through TMA descriptors where the layout allows (Hopper+)
