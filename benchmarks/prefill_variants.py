@@ -37,7 +37,8 @@ VARIANTS = [
     {"block_v": 32, "stages": 1, "stages_map": 1, "maxnreg": 128, "maxnreg_map": 168, "tma": False},
     {"warp_specialize": True},
     {"warp_specialize": True, "stages": 2},
-    {"inverse_blocked16": True},
+    {"inverse_blocked16": True},  # committed since v4.3
+    {"inverse_blocked16": False},
 ]
 SHAPES = [("1x8K 16/16", [8192], 16, 16), ("1x32K 16/16", [32768], 16, 16), ("8x4K 16/32", [4096] * 8, 16, 32)]
 ERROR_KINDS = ["random", "near_identical_keys", "strong_decay", "large_initial_state"]

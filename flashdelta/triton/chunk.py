@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .common import PRECISIONS, dot_dtype, hi_lo, interpreting, mm, mm_split_ab, mm_split_b, sm_count
+from .common import (PRECISIONS, cdiv, dot_dtype, hi_lo, interpreting, mm, mm_split_ab, mm_split_b, next_power_of_2,
+                     sm_count)
 
 CHUNK_SIZE = 64
 CHUNK = tl.constexpr(CHUNK_SIZE)  # the kernels' view of it
@@ -395,10 +396,10 @@ TUNING = {
     "maxnreg_inverse": 168,
     # the inverse's first doubling levels (block sizes 2, 4, 8) on the four 16 x 16 diagonal
     # blocks as batched products instead of full 64 x 64 tiles: 18 of its 31 products become
-    # 1/16 of the size. Exact either way (the same substitution). Offline sm_90, bf16, K = 128:
-    # 168 registers and no spill (now 104 B), 32 KB shared; fp32 operands spill 744 B. Not
-    # yet timed on a GPU: off
-    "inverse_blocked16": False,
+    # 1/16 of the size. Exact either way (the same substitution). H100, bf16: inverse -23 to
+    # -25% at every shape, prefill -5 to -8% (NOTES.md, v4.3). bf16 inputs only: with fp32
+    # operands it spills 744 B (offline sm_90) and was not timed
+    "inverse_blocked16": True,
     "tma": True,  # recurrence tile loads through TMA descriptors where the layout allows (Hopper+)
     # Triton's automatic warp specialisation of the output pass's chunk loop (a TMA producer
     # warpgroup beside the compute; 12 warps, one program per SM): measured 40-90% slower
@@ -409,9 +410,9 @@ TUNING = {
 
 def _block_v(dk: int, dv: int) -> int:
     """Column block of the state: the [K, BV] fp32 state tile lives in registers."""
-    bk = max(16, triton.next_power_of_2(dk))
+    bk = max(16, next_power_of_2(dk))
     bv = TUNING["block_v"] or (64 if bk <= 128 else 32)
-    return max(16, min(bv, triton.next_power_of_2(dv)))
+    return max(16, min(bv, next_power_of_2(dv)))
 
 
 def auto_partition_chunks(chunk_counts: list[int], hv: int, nvb: int, device: torch.device) -> int:
@@ -479,7 +480,7 @@ def launch_config(dtype: torch.dtype, dk: int, dv: int, group: int, hv: int, use
     """Constexprs and launch options of the prefill kernels for these sizes: the one source
     for the launches below and for the offline sm_90 compile test (tests/triton_kernels).
     `out_programs_per_sm`: the output pass's grid over the GPU's SMs (chooses its stages)."""
-    bk = max(16, triton.next_power_of_2(dk))
+    bk = max(16, next_power_of_2(dk))
     bv = _block_v(dk, dv)
     dot = dot_dtype(dtype)
     exact = dtype == torch.bfloat16  # bf16 q/k/v tiles are exact tensor-core operands
@@ -495,9 +496,9 @@ def launch_config(dtype: torch.dtype, dk: int, dv: int, group: int, hv: int, use
     # under the interpreter, whose fp32 products then check the pair's data path.)
     t_split = dtype == torch.bfloat16 and prec == 0
     inverse = dict(GROUP=group, K=dk, BK=bk, L2NORM=use_qk_l2norm, K_EXACT=k_exact, DOT=dot, T_SPLIT=t_split,
-                   BLOCKED16=TUNING["inverse_blocked16"],
+                   BLOCKED16=TUNING["inverse_blocked16"] and dtype == torch.bfloat16,  # where measured
                    num_warps=TUNING["warps_inverse"], num_stages=min(fits, 2))
-    recurrence = dict(HV=hv, GROUP=group, K=dk, V=dv, BK=bk, BV=bv, NVB=triton.cdiv(dv, bv), L2NORM=use_qk_l2norm,
+    recurrence = dict(HV=hv, GROUP=group, K=dk, V=dv, BK=bk, BV=bv, NVB=cdiv(dv, bv), L2NORM=use_qk_l2norm,
                       K_EXACT=k_exact, DOT=dot, PREC=prec, WHILE_LOOPS=interpreting(), TMA=TUNING["tma"],
                       T_SPLIT=t_split, WARP_SPECIALIZE=TUNING["warp_specialize"] and not interpreting(),
                       num_warps=warps, num_stages=stages)
@@ -512,7 +513,7 @@ def launch_config(dtype: torch.dtype, dk: int, dv: int, group: int, hv: int, use
         if TUNING["maxnreg_map"] or TUNING["maxnreg"]:
             map_launch["maxnreg"] = TUNING["maxnreg_map"] or TUNING["maxnreg"]
     return {"inverse": inverse, "recurrence": recurrence, "map_launch": map_launch, "chain": chain,
-            "nvb": triton.cdiv(dv, bv), "nkb": triton.cdiv(dk, bv)}
+            "nvb": cdiv(dv, bv), "nkb": cdiv(dk, bv)}
 
 
 def _tma_view(x: torch.Tensor, dim: int, cols: int):
@@ -557,8 +558,8 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     else:
         seqs = tuple((b, 0, t_len) for b in range(bsz))
     num_seqs = len(seqs)
-    nvb = triton.cdiv(dv, _block_v(dk, dv))
-    chunk_counts = [triton.cdiv(e - s, CHUNK_SIZE) for _, s, e in seqs]
+    nvb = cdiv(dv, _block_v(dk, dv))
+    chunk_counts = [cdiv(e - s, CHUNK_SIZE) for _, s, e in seqs]
     longest = max(chunk_counts + [1])
     if partition_chunks is None:
         partition_chunks = auto_partition_chunks(chunk_counts, hv, nvb, device)

@@ -84,3 +84,13 @@ def mm_split_ab(a, b, DOT: tl.constexpr, PREC: tl.constexpr = 0):
         return tl.dot(a, b, input_precision="tf32")
     else:
         return tl.dot(a.to(DOT), b.to(DOT))
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) on the host (triton.cdiv is a jit function: microseconds per Python call)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), on the host (as triton.next_power_of_2)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpreting
+from .common import cdiv, interpreting, next_power_of_2
 
 
 @triton.jit
@@ -112,8 +112,8 @@ def _recurrent_kernel(
 
 def launch_config(dk: int, dv: int) -> dict:
     """Block sizes and warps of the token-loop kernel (also compiled offline by the tests)."""
-    bk = max(16, triton.next_power_of_2(dk))
-    bv = max(16, min(triton.next_power_of_2(dv), 32 if bk <= 128 else 16))
+    bk = max(16, next_power_of_2(dk))
+    bv = max(16, min(next_power_of_2(dv), 32 if bk <= 128 else 16))
     return dict(BK=bk, BV=bv, num_warps=4)
 
 
@@ -132,7 +132,7 @@ def fused_recurrent_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=
         return o, final
     cfg = launch_config(dk, dv)
     h0 = initial_state.contiguous() if initial_state is not None else None
-    grid = (num_seqs, hv, triton.cdiv(dv, cfg["BV"]))
+    grid = (num_seqs, hv, cdiv(dv, cfg["BV"]))
     _recurrent_kernel[grid](
         q, k, v, g, beta, o, h0, final, cu_seqlens,
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *beta.stride(), *o.stride()[:3],

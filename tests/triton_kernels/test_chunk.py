@@ -123,15 +123,26 @@ def test_tile_loaders_agree(kind, dtype, tma, seed, device, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["near_identical_keys", "cyclic_keys", "strong_decay", "l2norm_in_kernel",
                                   "varlen", "beta_0_2"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-def test_inverse_on_diagonal_blocks(kind, dtype, seed, device, monkeypatch):
-    """TUNING["inverse_blocked16"]: the first doubling levels on [4, 16, 16] batches give the
-    oracle's answer too, on the inputs that break inexact inverses, ragged chunks included."""
+@pytest.mark.parametrize("blocked", [True, False], ids=["blocked16", "full"])
+def test_inverse_on_diagonal_blocks(kind, blocked, seed, device, monkeypatch):
+    """TUNING["inverse_blocked16"] (bf16 inputs): the first doubling levels on [4, 16, 16]
+    batches give the oracle's answer, as the full-tile levels do, on the inputs that break
+    inexact inverses, ragged chunks included."""
     from flashdelta.triton import chunk as tc
 
-    monkeypatch.setitem(tc.TUNING, "inverse_blocked16", True)
-    case = make_case(kind, dtype, device, seed=seed, seq_len=130)
+    monkeypatch.setitem(tc.TUNING, "inverse_blocked16", blocked)
+    case = make_case(kind, torch.bfloat16, device, seed=seed, seq_len=130)
+    assert tc.launch_config(torch.bfloat16, 64, 64, 1, 4, False)["inverse"]["BLOCKED16"] == blocked
     check(case, *run(case))
+
+
+def test_inverse_blocked16_only_for_bf16_inputs():
+    """The batched diagonal blocks were timed with bf16 operands; other inputs keep the full tiles."""
+    from flashdelta.triton.chunk import launch_config
+
+    assert launch_config(torch.bfloat16, 128, 128, 1, 16, False)["inverse"]["BLOCKED16"]
+    for dtype in (torch.float16, torch.float32):
+        assert not launch_config(dtype, 128, 128, 1, 16, False)["inverse"]["BLOCKED16"]
 
 
 def test_tma_view_only_where_the_layout_allows():
