@@ -9,6 +9,7 @@ read the device tensor again.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -34,20 +35,29 @@ def _torch_backend() -> Backend:
     return Backend("torch", chunk_gated_delta_rule, recurrent_gated_delta_rule, sigmoid_gating_delta_rule_update)
 
 
-def triton_unavailable_reason(device: torch.device) -> str | None:
-    """None when the Triton backend can run on `device`, else why not (one line)."""
+@functools.lru_cache(maxsize=None)
+def _triton_import_problem() -> str | None:
     try:
         mod = importlib.import_module("flashdelta.triton")
     except ImportError as e:  # triton not installed
         return f"triton is not importable ({e})"
     if not getattr(mod, "IMPLEMENTED", False):
         return "the Triton kernels are not implemented yet in this version of flashdelta"
+    return None
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """None when the Triton backend can run on `device`, else why not (one line)."""
+    problem = _triton_import_problem()
+    if problem is not None:
+        return problem
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if device.type != "cuda" and not (interpret and device.type == "cpu"):
         return f"Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}"
     return None
 
 
+@functools.lru_cache(maxsize=None)  # built once: select() runs on every decode step
 def _triton_backend() -> Backend:
     from . import triton as tk
     from .triton.decode import sigmoid_gating_delta_rule_update
