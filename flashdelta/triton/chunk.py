@@ -408,10 +408,11 @@ TUNING = {
 }
 
 
-def _block_v(dk: int, dv: int) -> int:
-    """Column block of the state: the [K, BV] fp32 state tile lives in registers."""
+def _block_v(dk: int, dv: int, block_v: int | None) -> int:
+    """Column block of the state (`block_v`: TUNING's choice): the [K, BV] fp32 state tile
+    lives in registers."""
     bk = max(16, next_power_of_2(dk))
-    bv = TUNING["block_v"] or (64 if bk <= 128 else 32)
+    bv = block_v or (64 if bk <= 128 else 32)
     return max(16, min(bv, next_power_of_2(dv)))
 
 
@@ -479,39 +480,48 @@ def launch_config(dtype: torch.dtype, dk: int, dv: int, group: int, hv: int, use
                   out_programs_per_sm: float = 1.0) -> dict:
     """Constexprs and launch options of the prefill kernels for these sizes: the one source
     for the launches below and for the offline sm_90 compile test (tests/triton_kernels).
-    `out_programs_per_sm`: the output pass's grid over the GPU's SMs (chooses its stages)."""
+    `out_programs_per_sm`: the output pass's grid over the GPU's SMs (chooses its stages).
+    The rule is cached (it is part of every call's host time); each call gets fresh dicts."""
+    cfg = _launch_config(dtype, dk, dv, group, hv, bool(use_qk_l2norm), out_programs_per_sm > 1,
+                         tuple(TUNING.items()), interpreting())
+    return {key: dict(x) if isinstance(x, dict) else x for key, x in cfg.items()}
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_config(dtype, dk, dv, group, hv, use_qk_l2norm, many_programs, tuning_items, interpret) -> dict:
+    tuning = dict(tuning_items)
     bk = max(16, next_power_of_2(dk))
-    bv = _block_v(dk, dv)
+    bv = _block_v(dk, dv, tuning["block_v"])
     dot = dot_dtype(dtype)
     exact = dtype == torch.bfloat16  # bf16 q/k/v tiles are exact tensor-core operands
     k_exact = exact and not use_qk_l2norm
-    prec = PRECISIONS[TUNING["precision"]]
+    prec = PRECISIONS[tuning["precision"]]
     # Pipelined tile loads live in shared memory (227 KB a block). fp32 operands at K = 128:
     # 296 KB at 3 stages, 131 KB at 1; bf16 at K = 256: 280 KB at 3, 197 KB at 2.
     fits = 1 if dot == tl.float32 else (2 if bk > 128 else 3)
-    stages = min(fits, TUNING["stages"] or (1 if out_programs_per_sm > 1 and bv == 64 else 2))
-    map_stages = min(fits, TUNING["stages_map"] or stages)
-    warps = 4 if interpreting() else TUNING["warps_recurrence"]
+    stages = min(fits, tuning["stages"] or (1 if many_programs and bv == 64 else 2))
+    map_stages = min(fits, tuning["stages_map"] or stages)
+    warps = 4 if interpret else tuning["warps_recurrence"]
     # T_u as a bf16 hi + lo pair for bf16 inputs with split products (PREC 0); else fp32. (Also
     # under the interpreter, whose fp32 products then check the pair's data path.)
     t_split = dtype == torch.bfloat16 and prec == 0
     inverse = dict(GROUP=group, K=dk, BK=bk, L2NORM=use_qk_l2norm, K_EXACT=k_exact, DOT=dot, T_SPLIT=t_split,
-                   BLOCKED16=TUNING["inverse_blocked16"] and dtype == torch.bfloat16,  # where measured
-                   num_warps=TUNING["warps_inverse"], num_stages=min(fits, 2))
+                   BLOCKED16=tuning["inverse_blocked16"] and dtype == torch.bfloat16,  # where measured
+                   num_warps=tuning["warps_inverse"], num_stages=min(fits, 2))
     recurrence = dict(HV=hv, GROUP=group, K=dk, V=dv, BK=bk, BV=bv, NVB=cdiv(dv, bv), L2NORM=use_qk_l2norm,
-                      K_EXACT=k_exact, DOT=dot, PREC=prec, WHILE_LOOPS=interpreting(), TMA=TUNING["tma"],
-                      T_SPLIT=t_split, WARP_SPECIALIZE=TUNING["warp_specialize"] and not interpreting(),
+                      K_EXACT=k_exact, DOT=dot, PREC=prec, WHILE_LOOPS=interpret, TMA=tuning["tma"],
+                      T_SPLIT=t_split, WARP_SPECIALIZE=tuning["warp_specialize"] and not interpret,
                       num_warps=warps, num_stages=stages)
     chain = dict(HV=hv, K=dk, V=dv, BK=bk, BV=bv, BKC=min(bk, 64), DOT=dot, PREC=prec, num_warps=warps,
                  num_stages=min(fits, 2))
     map_launch = dict(num_stages=map_stages)
-    if not interpreting():  # register caps: launch options of the CUDA backend only
-        if TUNING["maxnreg_inverse"] and bk <= 128 and dot == tl.bfloat16:  # measured: bf16, K <= 128
-            inverse["maxnreg"] = TUNING["maxnreg_inverse"]
-        if TUNING["maxnreg"]:
-            recurrence["maxnreg"] = TUNING["maxnreg"]
-        if TUNING["maxnreg_map"] or TUNING["maxnreg"]:
-            map_launch["maxnreg"] = TUNING["maxnreg_map"] or TUNING["maxnreg"]
+    if not interpret:  # register caps: launch options of the CUDA backend only
+        if tuning["maxnreg_inverse"] and bk <= 128 and dot == tl.bfloat16:  # measured: bf16, K <= 128
+            inverse["maxnreg"] = tuning["maxnreg_inverse"]
+        if tuning["maxnreg"]:
+            recurrence["maxnreg"] = tuning["maxnreg"]
+        if tuning["maxnreg_map"] or tuning["maxnreg"]:
+            map_launch["maxnreg"] = tuning["maxnreg_map"] or tuning["maxnreg"]
     return {"inverse": inverse, "recurrence": recurrence, "map_launch": map_launch, "chain": chain,
             "nvb": cdiv(dv, bv), "nkb": cdiv(dk, bv)}
 
@@ -558,7 +568,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     else:
         seqs = tuple((b, 0, t_len) for b in range(bsz))
     num_seqs = len(seqs)
-    nvb = cdiv(dv, _block_v(dk, dv))
+    nvb = cdiv(dv, _block_v(dk, dv, TUNING["block_v"]))
     chunk_counts = [cdiv(e - s, CHUNK_SIZE) for _, s, e in seqs]
     longest = max(chunk_counts + [1])
     if partition_chunks is None:
