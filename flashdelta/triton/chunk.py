@@ -176,7 +176,7 @@ def _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end
                 s_cb, s_ct, s_ch, s_tb, s_tt, s_th, s_ob, s_ot, s_oh, scale,
                 K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr,
                 L2NORM: tl.constexpr, K_EXACT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                TMA: tl.constexpr, T_SPLIT: tl.constexpr):
+                TMA: tl.constexpr, T_SPLIT: tl.constexpr, FUSED_ACC: tl.constexpr, EARLY_QS: tl.constexpr):
     """One chunk of the recurrence: writes the chunk's outputs (unless MAP), returns the new state.
 
     U = T_u (V - e^G (K S)) with T_u = (I + A)^-1 diag(beta) from the inverse kernel;
@@ -214,6 +214,15 @@ def _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end
             ks = tl.dot(k.to(DOT), s_lo, tl.dot(k.to(DOT), s_hi))
         else:
             ks = mm_split_ab(k, state, DOT, PREC)
+    if EARLY_QS and not MAP:
+        q = _load_chunk(q_ptr, b * s_qb + t0 * s_qt + i_hk * s_qh, row, i_hk, K, 0, n_rows, K, s_qt, s_qd, CHUNK,
+                        BK, L2NORM, TMA)
+        if DOT == tl.float32:
+            qs = mm(q, state, DOT)
+        elif K_EXACT:
+            qs = tl.dot(q.to(DOT), s_lo, tl.dot(q.to(DOT), s_hi))
+        else:
+            qs = mm_split_ab(q, state, DOT, PREC)
     # a select, not a branch on is_m: Triton 3.6 miscompiles the branch here (layout pass)
     v = _load_chunk(v_ptr, b * s_vb + t0 * s_vt + i_h * s_vh, row, i_h, V, c0, n_rows, V, s_vt, s_vd, CHUNK, BV,
                     False, TMA)
@@ -228,22 +237,34 @@ def _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end
     u = tl.where((rt < n)[:, None], u, 0.0)
     if not MAP:
         causal = rt[:, None] >= rt[None, :]
-        q = _load_chunk(q_ptr, b * s_qb + t0 * s_qt + i_hk * s_qh, row, i_hk, K, 0, n_rows, K, s_qt, s_qd, CHUNK,
-                        BK, L2NORM, TMA)
+        if not EARLY_QS:
+            q = _load_chunk(q_ptr, b * s_qb + t0 * s_qt + i_hk * s_qh, row, i_hk, K, 0, n_rows, K, s_qt, s_qd,
+                            CHUNK, BK, L2NORM, TMA)
         # G_i - G_j from the hi + lo parts: the hi difference is exact where it cancels (Sterbenz)
         diff = (g_hi[:, None] - g_hi[None, :]) + (g_lo[:, None] - g_lo[None, :])
         a_qk = _gram(q, tl.trans(k), DOT, K_EXACT) * tl.exp(tl.where(causal, diff, float("-inf")))
-        if DOT == tl.float32:
+        if EARLY_QS:
+            o = qs
+        elif DOT == tl.float32:
             o = mm(q, state, DOT)
         elif K_EXACT:
             o = tl.dot(q.to(DOT), s_lo, tl.dot(q.to(DOT), s_hi))
         else:
             o = mm_split_ab(q, state, DOT, PREC)
-        o = o * gate_exp[:, None] + mm_split_ab(a_qk, u, DOT, PREC)
+        if FUSED_ACC:  # accumulate onto e^G (Q S) in place: one [64, BV] tile live, not two
+            o = mm_split_ab(a_qk, u, DOT, PREC, o * gate_exp[:, None])
+        else:
+            o = o * gate_exp[:, None] + mm_split_ab(a_qk, u, DOT, PREC)
         o_p = tl.make_block_ptr(o_ptr + b * s_ob + t0 * s_ot + i_h * s_oh, (n_rows, V), (s_ot, 1), (0, c0),
                                 (CHUNK, BV), (1, 0))
         tl.store(o_p, (o * scale).to(o_ptr.dtype.element_ty), boundary_check=(0, 1))
     u_tilde = u * tl.exp((last_hi - g_hi) + (last_lo - g_lo))[:, None]  # exp(G_C - G_j) <= 1
+    if FUSED_ACC:  # the update accumulates onto the decayed state: one [K, BV] tile live, not two
+        decayed = state * tl.exp(last_hi + last_lo)
+        if K_EXACT:
+            return mm_split_b(tl.trans(k.to(DOT)), u_tilde, DOT, PREC, decayed)
+        else:
+            return mm_split_ab(tl.trans(k), u_tilde, DOT, PREC, decayed)
     if K_EXACT:
         upd = mm_split_b(tl.trans(k.to(DOT)), u_tilde, DOT, PREC)
     else:
@@ -262,7 +283,7 @@ def _recurrence_kernel(
     NVB: tl.constexpr, MAP: tl.constexpr, PARTITIONED: tl.constexpr, HAS_STATE_IN: tl.constexpr,
     STORE_FINAL: tl.constexpr, L2NORM: tl.constexpr, K_EXACT: tl.constexpr,
     DOT: tl.constexpr, PREC: tl.constexpr, WHILE_LOOPS: tl.constexpr, TMA: tl.constexpr, T_SPLIT: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr = False,
+    WARP_SPECIALIZE: tl.constexpr = False, FUSED_ACC: tl.constexpr = False, EARLY_QS: tl.constexpr = False,
 ):
     """q_ptr, k_ptr, v_ptr, t_ptr: tensor descriptors when TMA, else pointers (+ strides);
     t_total: T of the [B, T, ...] inputs."""
@@ -305,14 +326,14 @@ def _recurrence_kernel(
             state = _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end, t_total, i_h, i_hk,
                                 c0, is_m, s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh,
                                 s_vd, s_cb, s_ct, s_ch, s_tb, s_tt, s_th, s_ob, s_ot, s_oh, scale,
-                                K, V, BK, BV, MAP, L2NORM, K_EXACT, DOT, PREC, TMA, T_SPLIT)
+                                K, V, BK, BV, MAP, L2NORM, K_EXACT, DOT, PREC, TMA, T_SPLIT, FUSED_ACC, EARLY_QS)
             t0 += CHUNK
     else:
         for t0 in tl.range(t_start, t_end, CHUNK, warp_specialize=WARP_SPECIALIZE):
             state = _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end, t_total, i_h, i_hk,
                                 c0, is_m, s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh,
                                 s_vd, s_cb, s_ct, s_ch, s_tb, s_tt, s_th, s_ob, s_ot, s_oh, scale,
-                                K, V, BK, BV, MAP, L2NORM, K_EXACT, DOT, PREC, TMA, T_SPLIT)
+                                K, V, BK, BV, MAP, L2NORM, K_EXACT, DOT, PREC, TMA, T_SPLIT, FUSED_ACC, EARLY_QS)
 
     if MAP:
         if is_m:
@@ -405,6 +426,13 @@ TUNING = {
     # warpgroup beside the compute; 12 warps, one program per SM): measured 40-90% slower
     # output pass on the H100 (NOTES.md, v4.2); off
     "warp_specialize": False,
+    # Fewer live registers in the output pass, the same products (offline sm_90, bf16,
+    # K = 128, spill per thread 368 B now): "early_qs" computes Q S right after K S, so the
+    # state's bf16 hi + lo tiles die there (248 B); "fused_accumulate" lets the two sums of a
+    # product and a tile (o = e^G Q S + A U, the state update) accumulate onto the tile in
+    # place (360 B alone, 224 B with early_qs). Not yet timed on a GPU: off (NOTES.md, v4.3)
+    "early_qs": False,
+    "fused_accumulate": False,
 }
 
 
@@ -511,6 +539,7 @@ def _launch_config(dtype, dk, dv, group, hv, use_qk_l2norm, many_programs, tunin
     recurrence = dict(HV=hv, GROUP=group, K=dk, V=dv, BK=bk, BV=bv, NVB=cdiv(dv, bv), L2NORM=use_qk_l2norm,
                       K_EXACT=k_exact, DOT=dot, PREC=prec, WHILE_LOOPS=interpret, TMA=tuning["tma"],
                       T_SPLIT=t_split, WARP_SPECIALIZE=tuning["warp_specialize"] and not interpret,
+                      FUSED_ACC=tuning["fused_accumulate"], EARLY_QS=tuning["early_qs"],
                       num_warps=warps, num_stages=stages)
     chain = dict(HV=hv, K=dk, V=dv, BK=bk, BV=bv, BKC=min(bk, 64), DOT=dot, PREC=prec, num_warps=warps,
                  num_stages=min(fits, 2))

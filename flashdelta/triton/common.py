@@ -56,35 +56,35 @@ def hi_lo(x, DOT: tl.constexpr):
 
 
 @triton.jit
-def mm_split_b(a, b, DOT: tl.constexpr, PREC: tl.constexpr = 0):
-    """a (exact in DOT) @ b (fp32)."""
+def mm_split_b(a, b, DOT: tl.constexpr, PREC: tl.constexpr = 0, acc=None):
+    """a (exact in DOT) @ b (fp32), added to `acc` (fp32) when given: the products accumulate
+    into acc's registers, so no second tile of the result's size is live."""
     if DOT == tl.float32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
     elif PREC == 0:
         b_hi, b_lo = hi_lo(b, DOT)
-        return tl.dot(a, b_lo, tl.dot(a, b_hi))
+        return tl.dot(a, b_lo, tl.dot(a, b_hi, acc))
     elif PREC == 1:
-        return tl.dot(a.to(tl.float32), b, input_precision="tf32")
+        return tl.dot(a.to(tl.float32), b, acc, input_precision="tf32")
     else:
-        return tl.dot(a, b.to(DOT))
+        return tl.dot(a, b.to(DOT), acc)
 
 
 @triton.jit
-def mm_split_ab(a, b, DOT: tl.constexpr, PREC: tl.constexpr = 0):
-    """a (fp32) @ b (fp32); the split form drops lo @ lo (3 products)."""
+def mm_split_ab(a, b, DOT: tl.constexpr, PREC: tl.constexpr = 0, acc=None):
+    """a (fp32) @ b (fp32), added to `acc` when given; the split form drops lo @ lo (3 products)."""
     if DOT == tl.float32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
     elif PREC == 0:
         a_hi, a_lo = hi_lo(a, DOT)
         b_hi, b_lo = hi_lo(b, DOT)
-        acc = tl.dot(a_hi, b_hi)
+        acc = tl.dot(a_hi, b_hi, acc)
         acc = tl.dot(a_lo, b_hi, acc)
         return tl.dot(a_hi, b_lo, acc)
     elif PREC == 1:
-        return tl.dot(a, b, input_precision="tf32")
+        return tl.dot(a, b, acc, input_precision="tf32")
     else:
-        return tl.dot(a.to(DOT), b.to(DOT))
-
+        return tl.dot(a.to(DOT), b.to(DOT), acc)
 
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) on the host (triton.cdiv is a jit function: microseconds per Python call)."""

@@ -136,6 +136,22 @@ def test_inverse_on_diagonal_blocks(kind, blocked, seed, device, monkeypatch):
     check(case, *run(case))
 
 
+@pytest.mark.parametrize("knobs", [{"early_qs": True}, {"fused_accumulate": True},
+                                   {"early_qs": True, "fused_accumulate": True}],
+                         ids=["early_qs", "fused_accumulate", "both"])
+@pytest.mark.parametrize("kind", ["near_identical_keys", "zero_decay", "strong_decay", "large_initial_state",
+                                  "varlen"])
+def test_register_saving_orders_are_exact(kind, knobs, seed, device, monkeypatch):
+    """TUNING["early_qs"] / ["fused_accumulate"] reorder and fuse the chunk step's products
+    (fewer live registers): the same answer, in the output pass and, partitioned, the map pass."""
+    from flashdelta.triton import chunk as tc
+
+    for key, value in knobs.items():
+        monkeypatch.setitem(tc.TUNING, key, value)
+    case = make_case(kind, torch.float32, device, seed=seed, seq_len=300)
+    check(case, *run(case, partition_chunks=2))
+
+
 def test_inverse_blocked16_only_for_bf16_inputs():
     """The batched diagonal blocks were timed with bf16 operands; other inputs keep the full tiles."""
     from flashdelta.triton.chunk import launch_config
