@@ -430,7 +430,9 @@ TUNING = {
     # K = 128, spill per thread 368 B now): "early_qs" computes Q S right after K S, so the
     # state's bf16 hi + lo tiles die there (248 B); "fused_accumulate" lets the two sums of a
     # product and a tile (o = e^G Q S + A U, the state update) accumulate onto the tile in
-    # place (360 B alone, 224 B with early_qs). Not yet timed on a GPU: off (NOTES.md, v4.3)
+    # place (360 B alone, 224 B with early_qs; K = 64: 136 -> 40 B). Both on cost spill at
+    # K = 256 (336 -> 376 B) and with fp32 operands (2088 -> 2240 B): if timing says yes,
+    # enable them for bf16 and K <= 128 only. Not yet timed on a GPU: off (NOTES.md, v4.3)
     "early_qs": False,
     "fused_accumulate": False,
 }
