@@ -86,6 +86,7 @@ def mm_split_ab(a, b, DOT: tl.constexpr, PREC: tl.constexpr = 0, acc=None):
     else:
         return tl.dot(a.to(DOT), b.to(DOT), acc)
 
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) on the host (triton.cdiv is a jit function: microseconds per Python call)."""
     return -(-a // b)
