@@ -171,6 +171,18 @@ def _inverse_kernel(
 
 
 @triton.jit
+def _times_state(x, state, s_hi, s_lo, DOT: tl.constexpr, K_EXACT: tl.constexpr, PREC: tl.constexpr):
+    """x @ S for a key or query tile x; S as its hi + lo pair (s_hi, s_lo) when x is exact in
+    DOT (one rounding of S costs 1.2e-3 of the state without decay: NOTES.md, precision study)."""
+    if DOT == tl.float32:
+        return mm(x, state, DOT)
+    elif K_EXACT:
+        return tl.dot(x.to(DOT), s_lo, tl.dot(x.to(DOT), s_hi))
+    else:
+        return mm_split_ab(x, state, DOT, PREC)
+
+
+@triton.jit
 def _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end, t_total, i_h, i_hk, c0, is_m,
                 s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd,
                 s_cb, s_ct, s_ch, s_tb, s_tt, s_th, s_ob, s_ot, s_oh, scale,
@@ -204,25 +216,15 @@ def _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end
     last_hi = tl.load(c_row + (n_rows - 1) * s_ct)
     last_lo = tl.load(c_row + (n_rows - 1) * s_ct + 1)
     gate_exp = tl.exp(g_hi)
-    # K S and Q S with the state as hi + lo (one rounding of S costs 1.2e-3 of the state
-    # without decay: NOTES.md, precision study)
     if DOT == tl.float32:
-        ks = mm(k, state, DOT)
+        s_hi, s_lo = state, state  # unused: fp32 products take the state as it is
     else:
         s_hi, s_lo = hi_lo(state, DOT)
-        if K_EXACT:
-            ks = tl.dot(k.to(DOT), s_lo, tl.dot(k.to(DOT), s_hi))
-        else:
-            ks = mm_split_ab(k, state, DOT, PREC)
+    ks = _times_state(k, state, s_hi, s_lo, DOT, K_EXACT, PREC)
     if EARLY_QS and not MAP:
         q = _load_chunk(q_ptr, b * s_qb + t0 * s_qt + i_hk * s_qh, row, i_hk, K, 0, n_rows, K, s_qt, s_qd, CHUNK,
                         BK, L2NORM, TMA)
-        if DOT == tl.float32:
-            qs = mm(q, state, DOT)
-        elif K_EXACT:
-            qs = tl.dot(q.to(DOT), s_lo, tl.dot(q.to(DOT), s_hi))
-        else:
-            qs = mm_split_ab(q, state, DOT, PREC)
+        qs = _times_state(q, state, s_hi, s_lo, DOT, K_EXACT, PREC)
     # a select, not a branch on is_m: Triton 3.6 miscompiles the branch here (layout pass)
     v = _load_chunk(v_ptr, b * s_vb + t0 * s_vt + i_h * s_vh, row, i_h, V, c0, n_rows, V, s_vt, s_vd, CHUNK, BV,
                     False, TMA)
@@ -245,12 +247,8 @@ def _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end
         a_qk = _gram(q, tl.trans(k), DOT, K_EXACT) * tl.exp(tl.where(causal, diff, float("-inf")))
         if EARLY_QS:
             o = qs
-        elif DOT == tl.float32:
-            o = mm(q, state, DOT)
-        elif K_EXACT:
-            o = tl.dot(q.to(DOT), s_lo, tl.dot(q.to(DOT), s_hi))
         else:
-            o = mm_split_ab(q, state, DOT, PREC)
+            o = _times_state(q, state, s_hi, s_lo, DOT, K_EXACT, PREC)
         if FUSED_ACC:  # accumulate onto e^G (Q S) in place: one [64, BV] tile live, not two
             o = mm_split_ab(a_qk, u, DOT, PREC, o * gate_exp[:, None])
         else:
