@@ -44,7 +44,8 @@ def run(batches, block_v=None, peers=True):
 
 def parse(path):
     """Median duration per (kernel name, grid) in launch order: one row per kernel kind."""
-    rows = [r for r in csv.reader(open(path)) if len(r) > 10]
+    with open(path) as f:
+        rows = [r for r in csv.reader(f) if len(r) > 10]
     head = rows[0]
     rows = [dict(zip(head, r)) for r in rows[1:] if r[head.index("Metric Name")] == "gpu__time_duration.sum"]
     groups = {}

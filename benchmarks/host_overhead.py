@@ -6,7 +6,8 @@ Each row enqueues N calls back to back and divides the wall time by N (the GPU w
 B = 1 decode step, ~3 us, is shorter than any row, so the host is what is timed). Decode
 rows: the public entry point; its validation alone; the Triton wrapper without validation
 (allocation, launch config, launch); the bare kernel launch with its arguments prepared;
-`torch.empty` of o; FLA's calls on the same inputs where FLA is installed. Prefill rows
+`torch.empty` of o; FLA's calls on the same inputs where FLA is installed. The bare launch
+repeats the wrapper's argument list (a signature change breaks it loudly). One prefill row
 (1x8K, 16 heads): the entry point's host time per call beside its do_bench time: where the
 first is the larger, the eager call is host-bound.
 """
