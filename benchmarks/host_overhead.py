@@ -10,8 +10,14 @@ rows: the public entry point; its validation alone; the Triton wrapper without v
 repeats the wrapper's argument list (a signature change breaks it loudly). One prefill row
 (1x8K, 16 heads): the entry point's host time per call beside its do_bench time: where the
 first is the larger, the eager call is host-bound.
+
+`--prefill-profile`: only the prefill, split further: each Triton launch's host time (the
+jit function's `run`, timed around the call), and cProfile's top functions over many calls.
 """
 
+import argparse
+import cProfile
+import pstats
 import time
 
 import torch
@@ -20,6 +26,7 @@ import triton.testing
 
 from flashdelta import api
 from flashdelta.bench import Shape, _decode_step, make_decode_inputs, make_inputs, peer_impls
+from flashdelta.triton import chunk as tc
 from flashdelta.triton import decode as td
 
 
@@ -66,5 +73,97 @@ def main():
           f"do_bench {1e3 * triton.testing.do_bench(prefill, return_mode='median'):7.1f} us", flush=True)
 
 
+def launch_parts(call, n=300):
+    """Each launch of one call split into Triton's steps: the binder (argument specialisation),
+    the cache key, and the compiled kernel's launcher (argument packing, TMA descriptor
+    encoding, cuLaunchKernelEx), each repeated n times on the launch's own arguments."""
+    from triton.runtime import driver
+    from triton.runtime.jit import compute_cache_key
+    launches = []
+    fns = (tc._inverse_kernel, tc._recurrence_kernel, tc._chain_kernel)
+    runs = {f: f.run for f in fns}
+
+    def capture(f):
+        def wrapper(*a, **k):
+            kernel = runs[f](*a, **k)
+            launches.append((f, kernel, a, k))
+            return kernel
+        f.run = wrapper
+    for f in fns:
+        capture(f)
+    call()
+    for f in fns:
+        f.run = runs[f]
+    torch.cuda.synchronize()
+    device = driver.active.get_current_device()
+    stream = driver.active.get_current_stream(device)
+
+    def us(fn):  # host time only: the queue (n < its depth) is drained before and after
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        host = time.perf_counter() - t0
+        torch.cuda.synchronize()
+        return host / n * 1e6
+    print("per launch, us: binder / cache key / compiled kernel's launcher / whole jit run")
+    for f, kernel, a, k in launches:
+        kw = {key: val for key, val in k.items() if key not in ("grid", "warmup")}
+        kw["debug"] = kw.get("debug", f.debug)
+        kw["instrumentation_mode"] = triton.knobs.compilation.instrumentation_mode
+        kernel_cache, key_cache, _, _, binder = f.device_caches[device]
+        bound, spec, options = binder(*a, **kw)
+        grid = k["grid"]
+        g = tuple(grid) + (1,) * (3 - len(grid))
+        values = list(bound.values())
+        t_bind = us(lambda: binder(*a, **kw))
+        t_key = us(lambda: compute_cache_key(key_cache, spec, options))
+        t_launch = us(lambda: kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None,
+                                         None, None, *values))
+        t_all = us(lambda: f.run(*a, **k))
+        print(f"  {f.__name__:22} grid {str(grid):16} {t_bind:6.1f} {t_key:6.1f} {t_launch:6.1f} {t_all:6.1f}")
+
+
+def prefill_profile(n=200):
+    """Host microseconds of one 1x8K prefill call, per Triton launch and per Python function."""
+    args, kw = make_inputs(Shape("prefill", "1x8K", [8192], 16, 16), "cuda")
+    prefill = lambda: api.chunk_gated_delta_rule(*args, output_final_state=True, backend="triton", **kw)  # noqa: E731
+    spent = {}
+
+    def timed(jit_fn):
+        run = jit_fn.run
+
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            out = run(*a, **k)
+            spent[jit_fn.__name__] = spent.get(jit_fn.__name__, 0.0) + time.perf_counter() - t0
+            return out
+        jit_fn.run = wrapper
+        return run
+
+    originals = {f: timed(f) for f in (tc._inverse_kernel, tc._recurrence_kernel, tc._chain_kernel)}
+    per_call_us(prefill, 20)
+    spent.clear()
+    total = per_call_us(prefill, n)
+    for f, run in originals.items():
+        f.run = run
+    print(f"1x8K prefill: {total:.1f} us of host time per call; inside Triton's launches (per call):")
+    for name, s in spent.items():
+        print(f"  {name:24} {1e6 * s / n:7.1f} us")
+    launch_parts(prefill)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        prefill()
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
 if __name__ == "__main__":
-    main()
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prefill-profile", action="store_true")
+    if ap.parse_args().prefill_profile:
+        prefill_profile()
+    else:
+        main()

@@ -1,6 +1,6 @@
 """Does the partition count fill whole waves of the GPU? A sweep of partition counts per shape.
 
-    python benchmarks/partition_waves.py
+    python benchmarks/partition_waves.py [--shapes 1x8K,1x4K] [--counts 4,8,16]
 
 For each shape (bf16, K = V = 128, strong decay, final state returned) and each partition
 count P it prints the map-pass and output-pass programs, how many of each kernel an SM holds
@@ -9,6 +9,7 @@ the time per kernel (torch profiler) and in total (do_bench). The question: does
 choice (`auto_partition_chunks`) leave a partial last wave? NOTES.md keeps the readings.
 """
 
+import argparse
 import math
 
 import torch
@@ -18,7 +19,8 @@ from flashdelta.bench import Shape, make_inputs
 from flashdelta.triton import chunk as tc
 from flashdelta.triton.common import sm_count
 
-SHAPES = [("1x8K 16/16", [8192], 16, 16, [1, 2, 3, 4]),
+SHAPES = [("1x4K 16/16", [4096], 16, 16, [1, 2, 4, 8]),
+          ("1x8K 16/16", [8192], 16, 16, [1, 2, 3, 4, 6, 8, 16]),
           ("1x32K 16/16", [32768], 16, 16, [2, 4, 8, 9, 12, 16]),
           ("1x128K 16/16", [131072], 16, 16, [4, 8, 9, 12, 16, 24]),
           ("1x32K 16/32", [32768], 16, 32, [2, 4, 5, 8]),
@@ -47,12 +49,19 @@ def per_sm(kernel) -> int:
 
 
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default=None, help="only shapes whose label contains one of these comma-separated words")
+    ap.add_argument("--counts", default=None, help="comma-separated partition counts (default: each shape's own)")
+    opts = ap.parse_args()
+    shapes = [s for s in SHAPES if opts.shapes is None or any(w in s[0] for w in opts.shapes.split(","))]
+    if opts.counts:
+        shapes = [(*s[:4], [int(c) for c in opts.counts.split(",")]) for s in shapes]
     for jit_fn in (tc._inverse_kernel, tc._recurrence_kernel, tc._chain_kernel):
         _record(jit_fn)
     sms = sm_count(torch.cuda.current_device())
     print(f"{sms} SMs; auto = auto_partition_chunks")
     print(f"{'shape':14}{'P':>5}{'chunks/P':>9}  {'kernel: programs / per SM / waves / ms':60}{'total ms':>9}")
-    for name, lens, h, hv, counts in SHAPES:
+    for name, lens, h, hv, counts in shapes:
         args, kw = make_inputs(Shape("prefill", name, lens, h, hv, gate="strong"), "cuda")
         q, k, v, g, beta = args
         n_chunks = triton.cdiv(lens[0], 64)

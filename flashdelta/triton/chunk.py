@@ -425,14 +425,14 @@ TUNING = {
     # output pass on the H100 (NOTES.md, v4.2); off
     "warp_specialize": False,
     # Fewer live registers in the output pass, the same products (offline sm_90, bf16,
-    # K = 128, spill per thread 368 B now): "early_qs" computes Q S right after K S, so the
-    # state's bf16 hi + lo tiles die there (248 B); "fused_accumulate" lets the two sums of a
-    # product and a tile (o = e^G Q S + A U, the state update) accumulate onto the tile in
-    # place (360 B alone, 224 B with early_qs; K = 64: 136 -> 40 B). Both on cost spill at
-    # K = 256 (336 -> 376 B) and with fp32 operands (2088 -> 2240 B): if timing says yes,
-    # enable them for bf16 and K <= 128 only. Not yet timed on a GPU: off (NOTES.md, v4.3)
-    "early_qs": False,
-    "fused_accumulate": False,
+    # K = 128: spill per thread 368 -> 224 B): "early_qs" computes Q S right after K S, so the
+    # state's bf16 hi + lo tiles die there; "fused_accumulate" lets the two sums of a product
+    # and a tile (o = e^G Q S + A U, the state update) accumulate onto the tile in place.
+    # H100, both: output pass -2 to -5% (1x32K, 8x4K, 1x128K), +0.2% at 1x32K 16/32 (NOTES.md,
+    # v4.4). Applied to bf16 inputs with K <= 128 only: at K = 256 and with fp32 operands they
+    # spill more (336 -> 376 B, 2088 -> 2240 B offline) and were not timed
+    "early_qs": True,
+    "fused_accumulate": True,
 }
 
 
@@ -472,7 +472,10 @@ def auto_partition_chunks(chunk_counts: list[int], hv: int, nvb: int, device: to
     return max(MIN_PARTITION_CHUNKS, lo)
 
 
-MIN_PARTITION_CHUNKS = 32
+# Shorter partitions than this lose more in the chain (~7 us per partition, sequential) and the
+# map pass's second wave than the output pass gains: H100, 16 heads, kernels: 1x4K 0.386 ms at
+# 32 chunks, 0.243 at 16, 0.254 at 8; 1x8K 0.455 at 32, 0.453 at 16, 0.573 at 8 (NOTES.md, v4.4)
+MIN_PARTITION_CHUNKS = 16
 
 
 @functools.lru_cache(maxsize=128)
@@ -533,13 +536,14 @@ def _launch_config(dtype, dk, dv, group, hv, use_qk_l2norm, many_programs, tunin
     # T_u as a bf16 hi + lo pair for bf16 inputs with split products (PREC 0); else fp32. (Also
     # under the interpreter, whose fp32 products then check the pair's data path.)
     t_split = dtype == torch.bfloat16 and prec == 0
+    reorder = dtype == torch.bfloat16 and bk <= 128  # where early_qs / fused_accumulate were timed
     inverse = dict(GROUP=group, K=dk, BK=bk, L2NORM=use_qk_l2norm, K_EXACT=k_exact, DOT=dot, T_SPLIT=t_split,
                    BLOCKED16=tuning["inverse_blocked16"] and dtype == torch.bfloat16,  # where measured
                    num_warps=tuning["warps_inverse"], num_stages=min(fits, 2))
     recurrence = dict(HV=hv, GROUP=group, K=dk, V=dv, BK=bk, BV=bv, NVB=cdiv(dv, bv), L2NORM=use_qk_l2norm,
                       K_EXACT=k_exact, DOT=dot, PREC=prec, WHILE_LOOPS=interpret, TMA=tuning["tma"],
                       T_SPLIT=t_split, WARP_SPECIALIZE=tuning["warp_specialize"] and not interpret,
-                      FUSED_ACC=tuning["fused_accumulate"], EARLY_QS=tuning["early_qs"],
+                      FUSED_ACC=tuning["fused_accumulate"] and reorder, EARLY_QS=tuning["early_qs"] and reorder,
                       num_warps=warps, num_stages=stages)
     chain = dict(HV=hv, K=dk, V=dv, BK=bk, BV=bv, BKC=min(bk, 64), DOT=dot, PREC=prec, num_warps=warps,
                  num_stages=min(fits, 2))
