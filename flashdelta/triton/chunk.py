@@ -98,9 +98,9 @@ def _store_hi_lo(ptr, x, mask):
 
 @triton.jit
 def _diagonal_block_inverse(k, G, beta, DOT: tl.constexpr, K_EXACT: tl.constexpr):
-    """The four 16 x 16 diagonal blocks of T = (I + A)^-1 as a block-diagonal 64 x 64 tile:
-    the same doubling steps as the full tile (T_2s = T_s - T_s E_s T_s, s = 1, 2, 4, 8),
-    on [4, 16, 16] batches. k [64, BK]; G, beta [64]."""
+    """The four 16 x 16 diagonal blocks of T = (I + A)^-1 as a [4, 16, 16] batch: the same
+    doubling steps as the full tile (T_2s = T_s - T_s E_s T_s, s = 1, 2, 4, 8).
+    k [64, BK]; G, beta [64]."""
     kb = tl.reshape(k, (4, 16, k.shape[1]))
     gram = _gram(kb, tl.permute(kb, (0, 2, 1)), DOT, K_EXACT)
     gb = tl.reshape(G, (4, 16))
@@ -114,9 +114,92 @@ def _diagonal_block_inverse(k, G, beta, DOT: tl.constexpr, K_EXACT: tl.constexpr
         size = 1 << level  # 2, 4, 8
         e = tl.where(((r // size) % 2 == 1) & (c // size == r // size - 1), a, 0.0)
         t = t - mm_split_ab(t, mm_split_ab(e, t, DOT), DOT)
-    # [4, 16, 16] -> [64, 64]: block b at rows and columns 16 b .. 16 b + 15, zeros elsewhere
-    own = tl.arange(0, 4)[:, None, None, None] == tl.arange(0, 4)[None, None, :, None]
-    return tl.reshape(tl.where(own, t[:, :, None, :], 0.0), (64, 64))
+    return t
+
+
+@triton.jit
+def _block_diagonal(t, N: tl.constexpr):
+    """The [4, 16, 16] diagonal blocks placed in [64 // N, N, N] block-diagonal tiles (N = 32: two
+    32 x 32 tiles of two blocks each; N = 64: the 64 x 64 tile), zeros elsewhere."""
+    M: tl.constexpr = N // 16  # 16-blocks per tile
+    t = tl.reshape(t, (4 // M, M, 16, 1, 16))
+    own = tl.arange(0, M)[None, :, None, None, None] == tl.arange(0, M)[None, None, None, :, None]
+    return tl.reshape(tl.where(own, t, 0.0), (4 // M, N, N))
+
+
+@triton.jit
+def _quadrants(x):
+    """The four [n, n] blocks of a [..., 2n, 2n] tile: top-left, top-right, bottom-left, bottom-right."""
+    n: tl.constexpr = x.shape[-1] // 2
+    if len(x.shape) == 2:
+        top, bottom = tl.split(tl.permute(tl.reshape(x, (2, n, 2 * n)), (1, 2, 0)))
+        t_l, t_r = tl.split(tl.permute(tl.reshape(top, (n, 2, n)), (0, 2, 1)))
+        b_l, b_r = tl.split(tl.permute(tl.reshape(bottom, (n, 2, n)), (0, 2, 1)))
+    else:
+        top, bottom = tl.split(tl.permute(tl.reshape(x, (x.shape[0], 2, n, 2 * n)), (0, 2, 3, 1)))
+        t_l, t_r = tl.split(tl.permute(tl.reshape(top, (x.shape[0], n, 2, n)), (0, 1, 3, 2)))
+        b_l, b_r = tl.split(tl.permute(tl.reshape(bottom, (x.shape[0], n, 2, n)), (0, 1, 3, 2)))
+    return t_l, t_r, b_l, b_r
+
+
+@triton.jit
+def _stack(x, y):
+    """[2, ...] from two tiles of the same shape (2-D or 3-D)."""
+    if len(x.shape) == 2:
+        return tl.permute(tl.join(x, y), (2, 0, 1))
+    else:
+        return tl.permute(tl.join(x, y), (3, 0, 1, 2))
+
+
+@triton.jit
+def _lower_block_triangular(t_11, t_21, t_22):
+    """[[t_11, 0], [t_21, t_22]] from [B, n, n] blocks: [B, 2n, 2n]."""
+    n: tl.constexpr = t_11.shape[-1]
+    nb: tl.constexpr = t_11.shape[0]
+    top = tl.reshape(tl.permute(tl.join(t_11, tl.zeros_like(t_11)), (0, 1, 3, 2)), (nb, n, 2 * n))
+    bottom = tl.reshape(tl.permute(tl.join(t_21, t_22), (0, 1, 3, 2)), (nb, n, 2 * n))
+    return tl.reshape(tl.permute(tl.join(top, bottom), (0, 3, 1, 2)), (nb, 2 * n, 2 * n))
+
+
+@triton.jit
+def _store_t(t_ptr, base, rows, cols, x, n, s_tt, s_th, T_SPLIT: tl.constexpr):
+    """Rows `rows` and columns `cols` of one chunk's T_u (rows past n unwritten): fp32, or the
+    bf16 hi at head 2h and lo at 2h + 1 (`base` points at head 2h then)."""
+    p = t_ptr + base + rows[:, None] * s_tt + cols[None, :]
+    mask = (rows < n)[:, None]
+    if T_SPLIT:
+        hi, lo = hi_lo(x, tl.bfloat16)
+        tl.store(p, hi, mask=mask)
+        tl.store(p + s_th, lo, mask=mask)
+    else:
+        tl.store(p, x, mask=mask)
+
+
+@triton.jit
+def _merged_block_inverse(a, k, G, beta, t_ptr, base, n, s_tt, s_th, DOT: tl.constexpr, K_EXACT: tl.constexpr,
+                          T_SPLIT: tl.constexpr):
+    """T_u = (I + A)^-1 diag(beta) of one chunk by block substitution on the nonzero blocks
+    only, stored: [[T_1, 0], [-T_2 A_21 T_1, T_2]] for the inverses T_1, T_2 of the diagonal
+    blocks, applied to 16 x 16 blocks (giving the 32 x 32 ones) and then to 32 x 32 blocks.
+    The same steps as the full-tile doubling levels 16 and 32 without their products of zero
+    blocks (~1.2 M instead of ~4 M multiply-adds per chunk). a = A [64, 64]; k [64, BK];
+    G (fp64), beta [64]."""
+    t4 = tl.reshape(_diagonal_block_inverse(k, G, beta, DOT, K_EXACT), (2, 2, 16, 16))
+    t_odd_even = tl.permute(t4, (0, 2, 3, 1))  # [32-block, 16, 16, which 16-block]
+    t_even, t_odd = tl.split(t_odd_even)
+    a_11, _, a_21, a_22 = _quadrants(a)
+    e = _stack(_quadrants(a_11)[2], _quadrants(a_22)[2])  # A_21 inside each 32 x 32 diagonal block
+    # level 16: both 32 x 32 diagonal blocks at once
+    t = _lower_block_triangular(t_even, -mm_split_ab(t_odd, mm_split_ab(e, t_even, DOT), DOT), t_odd)
+    t_1, t_2 = tl.split(tl.permute(t, (1, 2, 0)))
+    # level 32: the lower-left 32 x 32 block of the chunk's T
+    t_21 = -mm_split_ab(t_2, mm_split_ab(a_21, t_1, DOT), DOT)
+    b_1, b_2 = tl.split(tl.trans(tl.reshape(beta, (2, 32))))
+    rows = tl.arange(0, 32)
+    _store_t(t_ptr, base, rows, rows, t_1 * b_1[None, :], n, s_tt, s_th, T_SPLIT)
+    _store_t(t_ptr, base, rows, rows + 32, tl.zeros((32, 32), tl.float32), n, s_tt, s_th, T_SPLIT)
+    _store_t(t_ptr, base, rows + 32, rows, t_21 * b_1[None, :], n, s_tt, s_th, T_SPLIT)
+    _store_t(t_ptr, base, rows + 32, rows + 32, t_2 * b_2[None, :], n, s_tt, s_th, T_SPLIT)
 
 
 @triton.jit
@@ -125,7 +208,7 @@ def _inverse_kernel(
     s_kb, s_kt, s_kh, s_kd, s_gb, s_gt, s_gh, s_bb, s_bt, s_bh, s_tb, s_tt, s_th, s_cb, s_ct, s_ch,
     GROUP: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
     L2NORM: tl.constexpr, K_EXACT: tl.constexpr, DOT: tl.constexpr, T_SPLIT: tl.constexpr,
-    BLOCKED16: tl.constexpr = False,
+    BLOCKED16: tl.constexpr = False, BLOCK_MERGE: tl.constexpr = False,
 ):
     """T_u = (I + A)^-1 diag(beta) of one chunk and head, on whole 64 x 64 tiles with the tensor
     cores: blocked substitution with doubling block sizes, T_2 = I - E_1, then
@@ -144,30 +227,29 @@ def _inverse_kernel(
     beta = tl.load(beta_ptr + b * s_bb + (t0 + rt) * s_bt + i_h * s_bh, mask=rt < n, other=0.0).to(tl.float32)
     G = tl.cumsum(g, 0)  # fp64: differences of large sums stay exact (strong decay)
     _store_hi_lo(gcum_ptr + b * s_cb + (t0 + rt) * s_ct + i_h * s_ch, G, rt < n)
+    if T_SPLIT:
+        base = b * s_tb + t0 * s_tt + 2 * i_h * s_th
+    else:
+        base = b * s_tb + t0 * s_tt + i_h * s_th
     row = rt[:, None]
     col = rt[None, :]
-    a = _gram(k, tl.trans(k), DOT, K_EXACT) * tl.exp(tl.where(row > col, (G[:, None] - G[None, :]).to(tl.float32),
-                                                     float("-inf"))) * beta[:, None]
-    if BLOCKED16:
-        # levels 2, 4, 8 inside the four 16 x 16 diagonal blocks, as one batched product of
-        # [4, 16, 16] tiles (1/16 of the full tile's work), then placed block-diagonally
-        t = _diagonal_block_inverse(k, G, beta, DOT, K_EXACT)
+    a = _gram(k, tl.trans(k), DOT, K_EXACT) * tl.exp(
+        tl.where(row > col, (G[:, None] - G[None, :]).to(tl.float32), float("-inf"))) * beta[:, None]
+    if BLOCK_MERGE:
+        _merged_block_inverse(a, k, G, beta, t_ptr, base, n, s_tt, s_th, DOT, K_EXACT, T_SPLIT)
     else:
-        t = (row == col).to(tl.float32) - tl.where((row % 2 == 1) & (col == row - 1), a, 0.0)
-    for level in tl.static_range(1, 6):
-        if level >= 4 or not BLOCKED16:
-            size = 1 << level  # 2, 4, 8, 16, 32
-            e = tl.where(((row // size) % 2 == 1) & (col // size == row // size - 1), a, 0.0)
-            t = t - mm_split_ab(t, mm_split_ab(e, t, DOT), DOT)
-    t = t * beta[None, :]  # T_u = T diag(beta)
-    mask = (rt < n)[:, None]
-    if T_SPLIT:
-        p = t_ptr + b * s_tb + (t0 + row) * s_tt + 2 * i_h * s_th + col
-        hi, lo = hi_lo(t, tl.bfloat16)
-        tl.store(p, hi, mask=mask)
-        tl.store(p + s_th, lo, mask=mask)
-    else:
-        tl.store(t_ptr + b * s_tb + (t0 + row) * s_tt + i_h * s_th + col, t, mask=mask)
+        if BLOCKED16:
+            # levels 2, 4, 8 inside the four 16 x 16 diagonal blocks, as one batched product of
+            # [4, 16, 16] tiles (1/16 of the full tile's work), then placed block-diagonally
+            t = tl.reshape(_block_diagonal(_diagonal_block_inverse(k, G, beta, DOT, K_EXACT), 64), (64, 64))
+        else:
+            t = (row == col).to(tl.float32) - tl.where((row % 2 == 1) & (col == row - 1), a, 0.0)
+        for level in tl.static_range(1, 6):
+            if level >= 4 or not BLOCKED16:
+                size = 1 << level  # 2, 4, 8, 16, 32
+                e = tl.where(((row // size) % 2 == 1) & (col // size == row // size - 1), a, 0.0)
+                t = t - mm_split_ab(t, mm_split_ab(e, t, DOT), DOT)
+        _store_t(t_ptr, base, rt, rt, t * beta[None, :], n, s_tt, s_th, T_SPLIT)  # T_u = T diag(beta)
 
 
 @triton.jit
@@ -419,6 +501,10 @@ TUNING = {
     # -25% at every shape, prefill -5 to -8% (NOTES.md, v4.3). bf16 inputs only: with fp32
     # operands it spills 744 B (offline sm_90) and was not timed
     "inverse_blocked16": True,
+    # with it, the last two levels (block sizes 16 and 32) on their nonzero blocks only:
+    # [[T_1, 0], [-T_2 A_21 T_1, T_2]] on 16 x 16, then 32 x 32 blocks, instead of full 64 x 64
+    # products of mostly zero blocks (4 M -> 1.4 M multiply-adds per chunk). Not yet timed: off
+    "inverse_block_merge": False,
     "tma": True,  # recurrence tile loads through TMA descriptors where the layout allows (Hopper+)
     # Triton's automatic warp specialisation of the output pass's chunk loop (a TMA producer
     # warpgroup beside the compute; 12 warps, one program per SM): measured 40-90% slower
@@ -539,6 +625,7 @@ def _launch_config(dtype, dk, dv, group, hv, use_qk_l2norm, many_programs, tunin
     reorder = dtype == torch.bfloat16 and bk <= 128  # where early_qs / fused_accumulate were timed
     inverse = dict(GROUP=group, K=dk, BK=bk, L2NORM=use_qk_l2norm, K_EXACT=k_exact, DOT=dot, T_SPLIT=t_split,
                    BLOCKED16=tuning["inverse_blocked16"] and dtype == torch.bfloat16,  # where measured
+                   BLOCK_MERGE=tuning["inverse_block_merge"] and tuning["inverse_blocked16"] and dtype == torch.bfloat16,
                    num_warps=tuning["warps_inverse"], num_stages=min(fits, 2))
     recurrence = dict(HV=hv, GROUP=group, K=dk, V=dv, BK=bk, BV=bv, NVB=cdiv(dv, bv), L2NORM=use_qk_l2norm,
                       K_EXACT=k_exact, DOT=dot, PREC=prec, WHILE_LOOPS=interpret, TMA=tuning["tma"],

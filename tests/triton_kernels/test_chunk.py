@@ -123,17 +123,26 @@ def test_tile_loaders_agree(kind, dtype, tma, seed, device, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["near_identical_keys", "cyclic_keys", "strong_decay", "l2norm_in_kernel",
                                   "varlen", "beta_0_2"])
-@pytest.mark.parametrize("blocked", [True, False], ids=["blocked16", "full"])
-def test_inverse_on_diagonal_blocks(kind, blocked, seed, device, monkeypatch):
+@pytest.mark.parametrize("blocked,merged", [(True, True), (True, False), (False, False)],
+                         ids=["blocked16_merged", "blocked16", "full"])
+def test_inverse_on_diagonal_blocks(kind, blocked, merged, seed, device, monkeypatch):
     """TUNING["inverse_blocked16"] (bf16 inputs): the first doubling levels on [4, 16, 16]
-    batches give the oracle's answer, as the full-tile levels do, on the inputs that break
-    inexact inverses, ragged chunks included."""
+    batches, and with TUNING["inverse_block_merge"] the last two on the nonzero blocks only,
+    give the oracle's answer, as the full-tile levels do, on the inputs that break inexact
+    inverses, ragged chunks included; and the knob-free kernel's answer to rounding."""
     from flashdelta.triton import chunk as tc
 
-    monkeypatch.setitem(tc.TUNING, "inverse_blocked16", blocked)
     case = make_case(kind, torch.bfloat16, device, seed=seed, seq_len=130)
-    assert tc.launch_config(torch.bfloat16, 64, 64, 1, 4, False)["inverse"]["BLOCKED16"] == blocked
-    check(case, *run(case))
+    results = []
+    for setting in ((False, False), (blocked, merged)):
+        monkeypatch.setitem(tc.TUNING, "inverse_blocked16", setting[0])
+        monkeypatch.setitem(tc.TUNING, "inverse_block_merge", setting[1])
+        inverse = tc.launch_config(torch.bfloat16, 64, 64, 1, 4, False)["inverse"]
+        assert (inverse["BLOCKED16"], inverse["BLOCK_MERGE"]) == setting
+        results.append(run(case))
+    (o0, s0), (o1, s1) = results
+    check(case, o1, s1)
+    assert rel_l2(o1, o0) <= 2e-4 and rel_l2(s1, s0) <= 1e-5, (rel_l2(o1, o0), rel_l2(s1, s0))
 
 
 @pytest.mark.parametrize("knobs", [{"early_qs": True}, {"fused_accumulate": True},
