@@ -503,8 +503,9 @@ TUNING = {
     "inverse_blocked16": True,
     # with it, the last two levels (block sizes 16 and 32) on their nonzero blocks only:
     # [[T_1, 0], [-T_2 A_21 T_1, T_2]] on 16 x 16, then 32 x 32 blocks, instead of full 64 x 64
-    # products of mostly zero blocks (4 M -> 1.4 M multiply-adds per chunk). Not yet timed: off
-    "inverse_block_merge": False,
+    # products of mostly zero blocks (4 M -> 1.2 M multiply-adds per chunk). H100: inverse -4 to
+    # -6% only (it waits on memory more than on the tensor cores; NOTES.md, v4.4)
+    "inverse_block_merge": True,
     "tma": True,  # recurrence tile loads through TMA descriptors where the layout allows (Hopper+)
     # Triton's automatic warp specialisation of the output pass's chunk loop (a TMA producer
     # warpgroup beside the compute; 12 warps, one program per SM): measured 40-90% slower

@@ -37,6 +37,18 @@ def check(case, o, s):
     assert rel_l2(s, s_ref) <= case.tolerance, rel_l2(s, s_ref)
 
 
+def assert_same_rounding(case, base, other):
+    """Two kernels that compute the same products in another order agree to their rounding: o
+    up to a few flipped bf16 roundings (2e-4), the fp32 state to 1e-5 or, where the kernel's
+    own rounding is larger (GPU split products on ill-conditioned keys: ~6e-5 from the
+    oracle), to half of that. A slip in the reordered math (a decay or scale off by 0.1%)
+    is larger: the mutations in NOTES.md fail it."""
+    (o0, s0), (o1, s1) = base, other
+    s_ref = oracle(case)[1]
+    bound = max(1e-5, 0.5 * rel_l2(s0, s_ref))
+    assert rel_l2(o1, o0) <= 2e-4 and rel_l2(s1, s0) <= bound, (rel_l2(o1, o0), rel_l2(s1, s0), bound)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("kind", KINDS)
 def test_parity(kind, dtype, seed, device):
@@ -142,7 +154,7 @@ def test_inverse_on_diagonal_blocks(kind, blocked, merged, seed, device, monkeyp
         results.append(run(case))
     (o0, s0), (o1, s1) = results
     check(case, o1, s1)
-    assert rel_l2(o1, o0) <= 2e-4 and rel_l2(s1, s0) <= 1e-5, (rel_l2(o1, o0), rel_l2(s1, s0))
+    assert_same_rounding(case, (o0, s0), (o1, s1))
 
 
 @pytest.mark.parametrize("knobs", [{"early_qs": True}, {"fused_accumulate": True},
@@ -168,8 +180,7 @@ def test_register_saving_orders_are_exact(kind, knobs, seed, device, monkeypatch
         results.append(run(case, partition_chunks=2))
     (o0, s0), (o1, s1) = results
     check(case, o1, s1)
-    # a few bf16 roundings of o may flip (~4e-3 each, on few elements); the fp32 state agrees to ~1e-7
-    assert rel_l2(o1, o0) <= 2e-4 and rel_l2(s1, s0) <= 1e-5, (rel_l2(o1, o0), rel_l2(s1, s0))
+    assert_same_rounding(case, (o0, s0), (o1, s1))
 
 
 def test_register_saving_orders_only_where_timed():
@@ -187,8 +198,10 @@ def test_inverse_blocked16_only_for_bf16_inputs():
     from flashdelta.triton.chunk import launch_config
 
     assert launch_config(torch.bfloat16, 128, 128, 1, 16, False)["inverse"]["BLOCKED16"]
+    assert launch_config(torch.bfloat16, 128, 128, 1, 16, False)["inverse"]["BLOCK_MERGE"]
     for dtype in (torch.float16, torch.float32):
         assert not launch_config(dtype, 128, 128, 1, 16, False)["inverse"]["BLOCKED16"]
+        assert not launch_config(dtype, 128, 128, 1, 16, False)["inverse"]["BLOCK_MERGE"]
 
 
 def test_tma_view_only_where_the_layout_allows():
