@@ -39,15 +39,16 @@ def check(case, o, s):
 
 def assert_same_rounding(case, base, other):
     """Two kernels that compute the same products in another order or blocking agree to their
-    rounding: to a quarter of the base kernel's own distance from the oracle (o: its bf16
-    rounding, ~1.7e-3; the state: GPU split products on ill-conditioned keys, ~6e-5), and
-    never worse than 2e-4 (o) / 1e-5 (state) is asked. Measured on the H100 between such
-    kernels: o 2.1e-4, state 1.0e-5 on near-identical keys. A slip in the reordered math (a
-    decay or scale off by 0.1%) is larger: the mutations in NOTES.md fail it."""
+    rounding. The fp32 state: no farther from the base kernel than the base is from the
+    oracle (at least 1e-5 is asked: the interpreter's fp32 products agree to ~1e-7; GPU split
+    products on near-identical keys differ by up to ~0.35x their ~5e-5 distance from the
+    oracle). o: a quarter of its bf16 rounding (at least 2e-4; the GPU showed 1.3-2.1e-4 on
+    near-identical keys). A slip in the reordered math (a decay or scale 0.1% off) fails it
+    on the interpreter (NOTES.md, v4.4)."""
     (o0, s0), (o1, s1) = base, other
     o_ref, s_ref = oracle(case)
     bound_o = max(2e-4, 0.25 * rel_l2(o0, o_ref))
-    bound_s = max(1e-5, 0.25 * rel_l2(s0, s_ref))
+    bound_s = max(1e-5, rel_l2(s0, s_ref))
     assert rel_l2(o1, o0) <= bound_o and rel_l2(s1, s0) <= bound_s, (rel_l2(o1, o0), bound_o, rel_l2(s1, s0), bound_s)
 
 
