@@ -129,26 +129,18 @@ def _block_diagonal(t, N: tl.constexpr):
 
 @triton.jit
 def _quadrants(x):
-    """The four [n, n] blocks of a [..., 2n, 2n] tile: top-left, top-right, bottom-left, bottom-right."""
+    """The four [n, n] blocks of a [2n, 2n] tile: top-left, top-right, bottom-left, bottom-right."""
     n: tl.constexpr = x.shape[-1] // 2
-    if len(x.shape) == 2:
-        top, bottom = tl.split(tl.permute(tl.reshape(x, (2, n, 2 * n)), (1, 2, 0)))
-        t_l, t_r = tl.split(tl.permute(tl.reshape(top, (n, 2, n)), (0, 2, 1)))
-        b_l, b_r = tl.split(tl.permute(tl.reshape(bottom, (n, 2, n)), (0, 2, 1)))
-    else:
-        top, bottom = tl.split(tl.permute(tl.reshape(x, (x.shape[0], 2, n, 2 * n)), (0, 2, 3, 1)))
-        t_l, t_r = tl.split(tl.permute(tl.reshape(top, (x.shape[0], n, 2, n)), (0, 1, 3, 2)))
-        b_l, b_r = tl.split(tl.permute(tl.reshape(bottom, (x.shape[0], n, 2, n)), (0, 1, 3, 2)))
+    top, bottom = tl.split(tl.permute(tl.reshape(x, (2, n, 2 * n)), (1, 2, 0)))
+    t_l, t_r = tl.split(tl.permute(tl.reshape(top, (n, 2, n)), (0, 2, 1)))
+    b_l, b_r = tl.split(tl.permute(tl.reshape(bottom, (n, 2, n)), (0, 2, 1)))
     return t_l, t_r, b_l, b_r
 
 
 @triton.jit
 def _stack(x, y):
-    """[2, ...] from two tiles of the same shape (2-D or 3-D)."""
-    if len(x.shape) == 2:
-        return tl.permute(tl.join(x, y), (2, 0, 1))
-    else:
-        return tl.permute(tl.join(x, y), (3, 0, 1, 2))
+    """[2, n, m] from two [n, m] tiles."""
+    return tl.permute(tl.join(x, y), (2, 0, 1))
 
 
 @triton.jit
@@ -561,7 +553,7 @@ def auto_partition_chunks(chunk_counts: list[int], hv: int, nvb: int, device: to
 
 # Shorter partitions than this lose more in the chain (~7 us per partition, sequential) and the
 # map pass's second wave than the output pass gains: H100, 16 heads, kernels: 1x4K 0.386 ms at
-# 32 chunks, 0.243 at 16, 0.254 at 8; 1x8K 0.455 at 32, 0.453 at 16, 0.573 at 8 (NOTES.md, v4.4)
+# 32 chunks, 0.243 at 16, 0.254 at 8; 1x8K 0.455 at 32, 0.453 at 16, 0.552 at 8 (NOTES.md, v4.4)
 MIN_PARTITION_CHUNKS = 16
 
 
