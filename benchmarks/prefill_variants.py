@@ -39,12 +39,13 @@ VARIANTS = [
     {"warp_specialize": True, "stages": 2},
     {"inverse_blocked16": True},  # committed since v4.3
     {"inverse_blocked16": False},
-    {"early_qs": True},  # prepared in v4.3, not yet timed: output-pass spill 368 -> 248 B offline
-    {"early_qs": True, "fused_accumulate": True},  # 368 -> 224 B offline
-    {"fused_accumulate": True},  # 368 -> 360 B; map pass 232 -> 221 registers
-    {"early_qs": False, "fused_accumulate": False},  # v4.3's output pass (both on since v4.4)
-    {"inverse_block_merge": True},  # inverse levels 16 and 32 on nonzero blocks: 4 M -> 1.2 M MACs
+    {"early_qs": True, "fused_accumulate": False},  # output-pass spill 368 -> 248 B offline
+    {"early_qs": True, "fused_accumulate": True},  # 368 -> 224 B offline; committed since v4.4
+    {"early_qs": False, "fused_accumulate": True},  # 368 -> 360 B; map pass 232 -> 221 registers
+    {"early_qs": False, "fused_accumulate": False},  # v4.3's output pass
+    {"inverse_block_merge": True},  # inverse levels 16, 32 on nonzero blocks (4 M -> 1.2 M MACs); committed since v4.4
     {"inverse_block_merge": True, "maxnreg_inverse": 128},  # the same at 4 programs per SM (208 B spill)
+    {"inverse_block_merge": False},  # v4.3's inverse
 ]
 SHAPES = [("1x8K 16/16", [8192], 16, 16), ("1x32K 16/16", [32768], 16, 16), ("8x4K 16/32", [4096] * 8, 16, 32)]
 ERROR_KINDS = ["random", "near_identical_keys", "strong_decay", "large_initial_state"]

@@ -118,13 +118,11 @@ def _diagonal_block_inverse(k, G, beta, DOT: tl.constexpr, K_EXACT: tl.constexpr
 
 
 @triton.jit
-def _block_diagonal(t, N: tl.constexpr):
-    """The [4, 16, 16] diagonal blocks placed in [64 // N, N, N] block-diagonal tiles (N = 32: two
-    32 x 32 tiles of two blocks each; N = 64: the 64 x 64 tile), zeros elsewhere."""
-    M: tl.constexpr = N // 16  # 16-blocks per tile
-    t = tl.reshape(t, (4 // M, M, 16, 1, 16))
-    own = tl.arange(0, M)[None, :, None, None, None] == tl.arange(0, M)[None, None, None, :, None]
-    return tl.reshape(tl.where(own, t, 0.0), (4 // M, N, N))
+def _block_diagonal(t):
+    """The [4, 16, 16] diagonal blocks placed in a 64 x 64 tile: block b at rows and columns
+    16 b .. 16 b + 15, zeros elsewhere."""
+    own = tl.arange(0, 4)[:, None, None, None] == tl.arange(0, 4)[None, None, :, None]
+    return tl.reshape(tl.where(own, t[:, :, None, :], 0.0), (64, 64))
 
 
 @triton.jit
@@ -233,7 +231,7 @@ def _inverse_kernel(
         if BLOCKED16:
             # levels 2, 4, 8 inside the four 16 x 16 diagonal blocks, as one batched product of
             # [4, 16, 16] tiles (1/16 of the full tile's work), then placed block-diagonally
-            t = tl.reshape(_block_diagonal(_diagonal_block_inverse(k, G, beta, DOT, K_EXACT), 64), (64, 64))
+            t = _block_diagonal(_diagonal_block_inverse(k, G, beta, DOT, K_EXACT))
         else:
             t = (row == col).to(tl.float32) - tl.where((row % 2 == 1) & (col == row - 1), a, 0.0)
         for level in tl.static_range(1, 6):
