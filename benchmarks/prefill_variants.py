@@ -46,6 +46,15 @@ VARIANTS = [
     {"inverse_block_merge": True},  # inverse levels 16, 32 on nonzero blocks (4 M -> 1.2 M MACs); committed since v4.4
     {"inverse_block_merge": True, "maxnreg_inverse": 128},  # the same at 4 programs per SM (208 B spill)
     {"inverse_block_merge": False},  # v4.3's inverse
+    # 25-29 were timed against v4.4's chain (variant 32)
+    {"tma_t": False},  # T_u tiles by block pointers: waited at first use, not at once (+112 B spill offline)
+    {"chain_in_registers": True, "block_v_chain": None},  # chain: S_{p-1} sliced in registers (168 B spill)
+    {"chain_in_registers": True, "block_v_chain": None, "warps_chain": 8},  # at 8 warps (178 registers, no spill)
+    {"chain_in_registers": False, "block_v_chain": None, "warps_chain": 8},
+    {"chain_in_registers": True, "block_v_chain": 32},  # twice the chain programs (40 B spill); committed since v4.5
+    {"block_v_chain": 16},  # with the committed chain: four times its v4.4 programs
+    {"warps_chain": 8},  # with the committed chain
+    {"chain_in_registers": False, "block_v_chain": None},  # v4.4's chain
 ]
 SHAPES = [("1x8K 16/16", [8192], 16, 16), ("1x32K 16/16", [32768], 16, 16), ("8x4K 16/32", [4096] * 8, 16, 32)]
 ERROR_KINDS = ["random", "near_identical_keys", "strong_decay", "large_initial_state"]

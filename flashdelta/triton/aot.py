@@ -63,8 +63,10 @@ def _descriptors(dtype, rec: dict) -> dict:
     """Signature types of the recurrence's TMA descriptor arguments (as a launch mangles them)."""
     io = TYPES[dtype]
     tile = lambda ty, cols: f"tensordesc<{ty}[{tc.CHUNK_SIZE},{cols}]>"  # noqa: E731
-    return {"q_ptr": tile(io, rec["BK"]), "k_ptr": tile(io, rec["BK"]), "v_ptr": tile(io, rec["BV"]),
-            "t_ptr": tile("bf16" if rec["T_SPLIT"] else "fp32", tc.CHUNK_SIZE)}
+    descs = {"q_ptr": tile(io, rec["BK"]), "k_ptr": tile(io, rec["BK"]), "v_ptr": tile(io, rec["BV"])}
+    if rec["TMA_T"]:
+        descs["t_ptr"] = tile("bf16" if rec["T_SPLIT"] else "fp32", tc.CHUNK_SIZE)
+    return descs
 
 
 def prefill_kernels(dtype, dim: int, arch: int = 90):

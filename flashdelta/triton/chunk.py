@@ -260,7 +260,8 @@ def _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end
                 s_cb, s_ct, s_ch, s_tb, s_tt, s_th, s_ob, s_ot, s_oh, scale,
                 K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr,
                 L2NORM: tl.constexpr, K_EXACT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                TMA: tl.constexpr, T_SPLIT: tl.constexpr, FUSED_ACC: tl.constexpr, EARLY_QS: tl.constexpr):
+                TMA: tl.constexpr, T_SPLIT: tl.constexpr, FUSED_ACC: tl.constexpr, EARLY_QS: tl.constexpr,
+                TMA_T: tl.constexpr):
     """One chunk of the recurrence: writes the chunk's outputs (unless MAP), returns the new state.
 
     U = T_u (V - e^G (K S)) with T_u = (I + A)^-1 diag(beta) from the inverse kernel;
@@ -274,12 +275,12 @@ def _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end
                     L2NORM, TMA)
     if T_SPLIT:
         t_hi = _load_chunk(t_ptr, b * s_tb + t0 * s_tt + 2 * i_h * s_th, row, 2 * i_h, CHUNK, 0, n_rows, CHUNK,
-                           s_tt, 1, CHUNK, CHUNK, False, TMA)
+                           s_tt, 1, CHUNK, CHUNK, False, TMA_T)
         t_lo = _load_chunk(t_ptr, b * s_tb + t0 * s_tt + (2 * i_h + 1) * s_th, row, 2 * i_h + 1, CHUNK, 0, n_rows,
-                           CHUNK, s_tt, 1, CHUNK, CHUNK, False, TMA)
+                           CHUNK, s_tt, 1, CHUNK, CHUNK, False, TMA_T)
     else:
         t_u = _load_chunk(t_ptr, b * s_tb + t0 * s_tt + i_h * s_th, row, i_h, CHUNK, 0, n_rows, CHUNK, s_tt, 1,
-                          CHUNK, CHUNK, False, TMA)
+                          CHUNK, CHUNK, False, TMA_T)
     # prefix sums of g as fp32 hi + lo (fp64 in the inverse kernel): under strong decay
     # G_C - G_j is a difference of numbers ~1e3, where one fp32 would lose the recent tokens
     c_row = gcum_ptr + b * s_cb + t0 * s_ct + i_h * s_ch
@@ -354,8 +355,10 @@ def _recurrence_kernel(
     STORE_FINAL: tl.constexpr, L2NORM: tl.constexpr, K_EXACT: tl.constexpr,
     DOT: tl.constexpr, PREC: tl.constexpr, WHILE_LOOPS: tl.constexpr, TMA: tl.constexpr, T_SPLIT: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr = False, FUSED_ACC: tl.constexpr = False, EARLY_QS: tl.constexpr = False,
+    TMA_T: tl.constexpr = False,
 ):
-    """q_ptr, k_ptr, v_ptr, t_ptr: tensor descriptors when TMA, else pointers (+ strides);
+    """q_ptr, k_ptr, v_ptr: tensor descriptors when TMA, else pointers (+ strides); t_ptr: a
+    descriptor when TMA_T (which implies TMA), else a pointer;
     t_total: T of the [B, T, ...] inputs."""
     i_p = tl.program_id(0)
     i_h = tl.program_id(1)
@@ -396,14 +399,16 @@ def _recurrence_kernel(
             state = _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end, t_total, i_h, i_hk,
                                 c0, is_m, s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh,
                                 s_vd, s_cb, s_ct, s_ch, s_tb, s_tt, s_th, s_ob, s_ot, s_oh, scale,
-                                K, V, BK, BV, MAP, L2NORM, K_EXACT, DOT, PREC, TMA, T_SPLIT, FUSED_ACC, EARLY_QS)
+                                K, V, BK, BV, MAP, L2NORM, K_EXACT, DOT, PREC, TMA, T_SPLIT, FUSED_ACC, EARLY_QS,
+                                TMA_T)
             t0 += CHUNK
     else:
         for t0 in tl.range(t_start, t_end, CHUNK, warp_specialize=WARP_SPECIALIZE):
             state = _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end, t_total, i_h, i_hk,
                                 c0, is_m, s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh,
                                 s_vd, s_cb, s_ct, s_ch, s_tb, s_tt, s_th, s_ob, s_ot, s_oh, scale,
-                                K, V, BK, BV, MAP, L2NORM, K_EXACT, DOT, PREC, TMA, T_SPLIT, FUSED_ACC, EARLY_QS)
+                                K, V, BK, BV, MAP, L2NORM, K_EXACT, DOT, PREC, TMA, T_SPLIT, FUSED_ACC, EARLY_QS,
+                                TMA_T)
 
     if MAP:
         if is_m:
@@ -418,16 +423,32 @@ def _recurrence_kernel(
 
 
 @triton.jit
+def _row_halves(x):
+    """Rows [0, n) and [n, 2n) of a [2n, m] tile."""
+    n: tl.constexpr = x.shape[0] // 2
+    return tl.split(tl.permute(tl.reshape(x, (2, n, x.shape[1])), (1, 2, 0)))
+
+
+@triton.jit
+def _map_slice(map_m_ptr, m_base, rk, c0, BKC: tl.constexpr, K: tl.constexpr):
+    """Columns [c0, c0 + BKC) of a [K, K] map M (rows rk), zero outside."""
+    cols = c0 + tl.arange(0, BKC)
+    return tl.load(map_m_ptr + m_base + rk[:, None] * K + cols[None, :], mask=(rk[:, None] < K) & (cols[None, :] < K),
+                   other=0.0)
+
+
+@triton.jit
 def _chain_kernel(
     map_d_ptr, map_m_ptr, h0_ptr, starts_ptr, seq_ptr,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr,
-    HAS_H0: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    HAS_H0: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, IN_REGISTERS: tl.constexpr = False,
 ):
     """Starts of the partitions of one sequence: S_0 = h0, S_p = M_{p-1} S_{p-1} + D_{p-1}.
 
-    The product contracts over K in slices of BKC rows of S_{p-1}, read back from `starts`
-    (this program wrote them; the barrier makes them visible), so the M tile in flight is
-    [BK, BKC], not [BK, BK] (which is 256 KB at K = 256).
+    The product contracts over K in slices of BKC rows of S_{p-1}, so the M tile in flight is
+    [BK, BKC], not [BK, BK] (which is 256 KB at K = 256). IN_REGISTERS: the slices are cut
+    out of the register tile (one or two: K <= 128); else read back from `starts` (this
+    program wrote them; the barrier makes them visible).
     """
     i_s = tl.program_id(0)
     i_h = tl.program_id(1)
@@ -449,17 +470,26 @@ def _chain_kernel(
     tl.store(starts_ptr + (first * HV + i_h) * K * V + off, state, mask=smask)
     j = 1
     while j < count:  # a handful of partitions: a while loop is fine here (and in the interpreter)
-        tl.debug_barrier()  # the previous start, stored by all threads, is read back in slices
         m_row = first_map + j - 1
-        prev = starts_ptr + ((first + j - 1) * HV + i_h) * K * V
+        m_base = (m_row * HV + i_h) * K * K
         acc = tl.load(map_d_ptr + (m_row * HV + i_h) * K * V + off, mask=smask, other=0.0)
-        for c0 in tl.static_range(0, BK, BKC):
-            cols = c0 + rc
-            m = tl.load(map_m_ptr + (m_row * HV + i_h) * K * K + rk[:, None] * K + cols[None, :],
-                        mask=(rk[:, None] < K) & (cols[None, :] < K), other=0.0)
-            s = tl.load(prev + cols[:, None] * V + cv[None, :], mask=(cols[:, None] < K) & (cv[None, :] < V),
-                        other=0.0)
-            acc += mm_split_ab(m, s, DOT, PREC)
+        if IN_REGISTERS:
+            if BK == BKC:
+                acc += mm_split_ab(_map_slice(map_m_ptr, m_base, rk, 0, BKC, K), state, DOT, PREC)
+            else:
+                tl.static_assert(BK == 2 * BKC, "in registers: one or two slices (K <= 128)")
+                s_0, s_1 = _row_halves(state)
+                acc += mm_split_ab(_map_slice(map_m_ptr, m_base, rk, 0, BKC, K), s_0, DOT, PREC)
+                acc += mm_split_ab(_map_slice(map_m_ptr, m_base, rk, BKC, BKC, K), s_1, DOT, PREC)
+        else:
+            tl.debug_barrier()  # the previous start, stored by all threads, is read back in slices
+            prev = starts_ptr + ((first + j - 1) * HV + i_h) * K * V
+            for c0 in tl.static_range(0, BK, BKC):
+                cols = c0 + rc
+                s = tl.load(prev + cols[:, None] * V + cv[None, :], mask=(cols[:, None] < K) & (cv[None, :] < V),
+                            other=0.0)
+                acc += mm_split_ab(_map_slice(map_m_ptr, m_base, rk, c0, BKC, K), s, DOT, PREC)
+        state = acc
         tl.store(starts_ptr + ((first + j) * HV + i_h) * K * V + off, acc, mask=smask)
         j += 1
 
@@ -474,6 +504,14 @@ TUNING = {
     "block_v": None,  # state column block; None: 64 for K <= 128, else 32
     "warps_inverse": 4,
     "warps_recurrence": 4,
+    "warps_chain": None,  # None: as the recurrence (8 warps: chain 46 -> 37 us at 1x8K, NOTES.md v4.5)
+    # the chain's state column block (None: as the recurrence): 32 doubles its programs;
+    # with chain_in_registers 45 -> 32 us at 1x8K (H100, NOTES.md v4.5)
+    "block_v_chain": 32,
+    # the chain's S_{p-1} row slices cut out of registers, not stored, synchronised and read
+    # back: 46 -> 45 us alone, with 32 columns above. K <= 128 (where it was timed; at K = 256
+    # it spills 1160 B offline)
+    "chain_in_registers": True,
     # pipeline stages of the output pass's tile loads; None: 2, or 1 at BV 64 where its grid
     # has more programs than SMs (1 stage lets two share an SM: -8 to -17% there, +15% at
     # 1x8K where there is one program per SM; BV 32 at 1 stage faults on the GPU: NOTES.md)
@@ -494,9 +532,12 @@ TUNING = {
     # with it, the last two levels (block sizes 16 and 32) on their nonzero blocks only:
     # [[T_1, 0], [-T_2 A_21 T_1, T_2]] on 16 x 16, then 32 x 32 blocks, instead of full 64 x 64
     # products of mostly zero blocks (4 M -> 1.2 M multiply-adds per chunk). H100: inverse -4 to
-    # -6% only (it waits on memory more than on the tensor cores; NOTES.md, v4.4)
+    # -6% only (it is bound by instruction issue (splits, conversions), not by its products; NOTES.md, v4.4, v4.5)
     "inverse_block_merge": True,
     "tma": True,  # recurrence tile loads through TMA descriptors where the layout allows (Hopper+)
+    # with it, T_u's tiles too (False: block pointers, whose loads are waited at first use
+    # instead of at once; offline +112 B of spill)
+    "tma_t": True,
     # Triton's automatic warp specialisation of the output pass's chunk loop (a TMA producer
     # warpgroup beside the compute; 12 warps, one program per SM): measured 40-90% slower
     # output pass on the H100 (NOTES.md, v4.2); off
@@ -620,11 +661,14 @@ def _launch_config(dtype, dk, dv, group, hv, use_qk_l2norm, many_programs, tunin
                    num_warps=tuning["warps_inverse"], num_stages=min(fits, 2))
     recurrence = dict(HV=hv, GROUP=group, K=dk, V=dv, BK=bk, BV=bv, NVB=cdiv(dv, bv), L2NORM=use_qk_l2norm,
                       K_EXACT=k_exact, DOT=dot, PREC=prec, WHILE_LOOPS=interpret, TMA=tuning["tma"],
+                      TMA_T=tuning["tma"] and tuning["tma_t"],
                       T_SPLIT=t_split, WARP_SPECIALIZE=tuning["warp_specialize"] and not interpret,
                       FUSED_ACC=tuning["fused_accumulate"] and reorder, EARLY_QS=tuning["early_qs"] and reorder,
                       num_warps=warps, num_stages=stages)
-    chain = dict(HV=hv, K=dk, V=dv, BK=bk, BV=bv, BKC=min(bk, 64), DOT=dot, PREC=prec, num_warps=warps,
-                 num_stages=min(fits, 2))
+    bv_chain = max(16, min(tuning["block_v_chain"] or bv, next_power_of_2(dv)))
+    chain = dict(HV=hv, K=dk, V=dv, BK=bk, BV=bv_chain, BKC=min(bk, 64), DOT=dot, PREC=prec,
+                 IN_REGISTERS=tuning["chain_in_registers"] and bk <= 128,
+                 num_warps=4 if interpret else (tuning["warps_chain"] or warps), num_stages=min(fits, 2))
     map_launch = dict(num_stages=map_stages)
     if not interpret:  # register caps: launch options of the CUDA backend only
         if tuning["maxnreg_inverse"] and bk <= 128 and dot == tl.bfloat16:  # measured: bf16, K <= 128
@@ -634,7 +678,7 @@ def _launch_config(dtype, dk, dv, group, hv, use_qk_l2norm, many_programs, tunin
         if tuning["maxnreg_map"] or tuning["maxnreg"]:
             map_launch["maxnreg"] = tuning["maxnreg_map"] or tuning["maxnreg"]
     return {"inverse": inverse, "recurrence": recurrence, "map_launch": map_launch, "chain": chain,
-            "nvb": cdiv(dv, bv), "nkb": cdiv(dk, bv)}
+            "nvb": cdiv(dv, bv), "nkb": cdiv(dk, bv), "nvb_chain": cdiv(dv, bv_chain)}
 
 
 def _tma_view(x: torch.Tensor, dim: int, cols: int):
@@ -721,7 +765,8 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
         descs = [_tma_view(q, dk, rec["BK"]), _tma_view(k, dk, rec["BK"]), _tma_view(v, dv, rec["BV"]),
                  _tma_view(tinv, CHUNK_SIZE, CHUNK_SIZE)]
     rec["TMA"] = descs is not None and all(d is not None for d in descs)
-    tiles = (*descs[:3], gcum, descs[3], o) if rec["TMA"] else (q, k, v, gcum, tinv, o)
+    rec["TMA_T"] = rec["TMA"] and rec["TMA_T"]
+    tiles = (*descs[:3], gcum, descs[3] if rec["TMA_T"] else tinv, o) if rec["TMA"] else (q, k, v, gcum, tinv, o)
     state_in = h0
     if partitioned:
         map_d = torch.empty(plan["num_maps"], hv, dk, dv, dtype=torch.float32, device=device)
@@ -732,7 +777,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
             **{**rec, **cfg["map_launch"]},
         )
         starts = torch.empty(plan["num_parts"], hv, dk, dv, dtype=torch.float32, device=device)
-        _chain_kernel[(num_seqs, hv, nvb)](
+        _chain_kernel[(num_seqs, hv, cfg["nvb_chain"])](
             map_d, map_m, h0, starts, plan["chains"], HAS_H0=h0 is not None, **cfg["chain"],
         )
         state_in = starts

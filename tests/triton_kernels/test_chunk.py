@@ -118,22 +118,42 @@ def _strided(x):
     return wide[..., : x.shape[3]]
 
 
-@pytest.mark.parametrize("tma", [True, False], ids=["tma", "block_pointers"])
+@pytest.mark.parametrize("tma,tma_t", [(True, True), (True, False), (False, False)],
+                         ids=["tma", "tma_but_t", "block_pointers"])
 @pytest.mark.parametrize("kind", ["random", "varlen", "strong_decay"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-def test_tile_loaders_agree(kind, dtype, tma, seed, device, monkeypatch):
+def test_tile_loaders_agree(kind, dtype, tma, tma_t, seed, device, monkeypatch):
     """Both ways of reading chunk tiles: TMA descriptors (rows past a sequence belong to the
     next one and must be masked; dense B = 2 at T = 130 has a ragged last chunk) and block
-    pointers (forced, and taken anyway for a layout TMA cannot read)."""
+    pointers (forced, and taken anyway for a layout TMA cannot read); TMA for all but T_u."""
     from flashdelta.triton import chunk as tc
 
     monkeypatch.setitem(tc.TUNING, "tma", tma)
+    monkeypatch.setitem(tc.TUNING, "tma_t", tma_t)
     case = make_case(kind, dtype, device, seed=seed, seq_len=130)
     check(case, *run(case, partition_chunks=1))
     if not tma:
         case.q, case.k, case.v = (_strided(x) for x in (case.q, case.k, case.v))
         assert tc._tma_view(case.q, case.q.shape[3], 32) is None
         check(case, *run(case, partition_chunks=1))
+
+
+@pytest.mark.parametrize("dk", [64, 128])
+@pytest.mark.parametrize("kind", ["large_initial_state", "zero_decay", "varlen"])
+def test_chain_from_registers(kind, dk, seed, device, monkeypatch):
+    """TUNING["chain_in_registers"]: the chain cuts S_{p-1} into its row slices in registers
+    (one or two of them at K = 64, 128) instead of reading it back: the oracle's answer with
+    three partitions per sequence, and the slices in the same order as the read-back."""
+    from flashdelta.triton import chunk as tc
+
+    case = make_case(kind, torch.float32, device, seed=seed, seq_len=150, heads=1, dk=dk, dv=16)
+    results = []
+    for in_registers in (False, True):
+        monkeypatch.setitem(tc.TUNING, "chain_in_registers", in_registers)
+        assert tc.launch_config(torch.float32, dk, 16, 1, 1, False)["chain"]["IN_REGISTERS"] == in_registers
+        results.append(run(case, partition_chunks=1))
+    check(case, *results[1])
+    assert_same_rounding(case, *results)
 
 
 @pytest.mark.parametrize("kind", ["near_identical_keys", "cyclic_keys", "strong_decay", "l2norm_in_kernel",
@@ -194,6 +214,16 @@ def test_register_saving_orders_only_where_timed():
                            (torch.float32, 128, False), (torch.float16, 128, False)]:
         rec = launch_config(dtype, dim, dim, 1, 16, False)["recurrence"]
         assert rec["EARLY_QS"] == on and rec["FUSED_ACC"] == on, (dtype, dim)
+
+
+def test_chain_in_registers_only_where_timed():
+    """On by default at K <= 128, with 32-column programs; the read-back path at K = 256."""
+    from flashdelta.triton.chunk import launch_config
+
+    for dim, on in [(64, True), (128, True), (256, False)]:
+        cfg = launch_config(torch.bfloat16, dim, dim, 1, 16, False)
+        assert cfg["chain"]["IN_REGISTERS"] == on and cfg["chain"]["BV"] == 32, dim
+        assert cfg["nvb_chain"] == dim // 32
 
 
 def test_inverse_blocked16_only_for_bf16_inputs():
