@@ -2,10 +2,12 @@
 
     ncu --clock-control none -k regex:_recurrence_kernel python benchmarks/profile_prefill.py 1x8K
 
-Options set `flashdelta.triton.chunk.TUNING` knobs, e.g. `--block-v 32 --stages 2`.
+Options set `flashdelta.triton.chunk.TUNING` knobs, e.g. `--block-v 32 --stages 2`, or any
+knob by name: `--set sm90_output_pass=True`.
 """
 
 import argparse
+import ast
 
 import torch
 
@@ -20,7 +22,13 @@ ap.add_argument("shape", nargs="?", default="1x8K", choices=sorted(SHAPES))
 ap.add_argument("--block-v", type=int)
 ap.add_argument("--stages", type=int)
 ap.add_argument("--warps", type=int)
+ap.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE", help="any TUNING knob (Python literal)")
 opts = ap.parse_args()
+for item in opts.set:
+    knob, value = item.split("=", 1)
+    if knob not in tc.TUNING:
+        raise SystemExit(f"unknown TUNING knob {knob!r}; known: {sorted(tc.TUNING)}")
+    tc.TUNING[knob] = ast.literal_eval(value)
 for knob, value in (("block_v", opts.block_v), ("stages", opts.stages), ("warps_recurrence", opts.warps)):
     if value is not None:
         tc.TUNING[knob] = value

@@ -84,6 +84,29 @@ def prefill_kernels(dtype, dim: int, arch: int = 90):
     yield "chain", compile_kernel(tc._chain_kernel, ptrs, dict(cfg["chain"], HAS_H0=True), arch)
 
 
+def sm90_kernels(arch: int = 90):
+    """The Gluon output pass (chunk_sm90.py: bf16, K = 128), as a launch specialises it."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from . import chunk_sm90 as g
+
+    fn = g._output_pass_kernel
+    tile = lambda cols: f"tensordesc<bf16[{g.CHUNK_SIZE},{cols}],{gl.NVMMASharedLayout.get_default_for([g.CHUNK_SIZE, cols], gl.bfloat16)!r}>"  # noqa: E731,E501
+    signature = {"q_desc": tile(128), "k_desc": tile(128), "v_desc": tile(g.BLOCK_V), "t_desc": tile(g.CHUNK_SIZE),
+                 "gcum_ptr": "*fp32", "o_ptr": "*bf16", "state_in_ptr": "*fp32", "state_out_ptr": "*fp32",
+                 "part_ptr": "*i32", "scale": "fp32"}
+    constexprs = dict(HV=32, GROUP=2, K=128, V=128, HAS_STATE_IN=True, PARTITIONED=True, STORE_FINAL=True)
+    signature.update({name: "constexpr" for name in constexprs})
+    signature.update({name: "i32" for name in fn.arg_names if name not in signature})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if signature[name].startswith("*") or name.startswith("s_")}
+    src = GluonASTSource(fn=fn, signature=signature,
+                         constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
+    yield "gluon output pass", triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                              options=dict(num_warps=g.NUM_WARPS))
+
+
 def recurrent_kernels(dim: int, arch: int = 90):
     params = dict(tr.launch_config(dim, dim), HV=32, GROUP=2, K=dim, V=dim, VARLEN=True, HAS_H0=True,
                   STORE_FINAL=True, L2NORM=True, WHILE_LOOPS=False)
@@ -102,6 +125,10 @@ def main():
         for dtype in (torch.bfloat16, torch.float32):
             for name, k in prefill_kernels(dtype, dim, args.arch):
                 print(json.dumps({"kernel": name, "dtype": TYPES[dtype], "dim": dim, "shared": k.metadata.shared,
+                                  "wgmma": k.asm["ptx"].count("wgmma.mma_async")}), flush=True)
+        if dim == 128 and args.arch == 90:
+            for name, k in sm90_kernels(args.arch):
+                print(json.dumps({"kernel": name, "dtype": "bf16", "dim": dim, "shared": k.metadata.shared,
                                   "wgmma": k.asm["ptx"].count("wgmma.mma_async")}), flush=True)
         for name, k in recurrent_kernels(dim, args.arch):
             print(json.dumps({"kernel": name, "dtype": "bf16", "dim": dim, "shared": k.metadata.shared}), flush=True)

@@ -29,6 +29,10 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+try:  # Gluon (Triton's explicit layer, Hopper): the output pass where it covers the launch
+    from . import chunk_sm90
+except ImportError:  # a Triton without Gluon
+    chunk_sm90 = None
 from .common import (PRECISIONS, cdiv, dot_dtype, hi_lo, interpreting, mm, mm_split_ab, mm_split_b, next_power_of_2,
                      sm_count)
 
@@ -551,6 +555,12 @@ TUNING = {
     # spill more (336 -> 376 B, 2088 -> 2240 B offline) and were not timed
     "early_qs": True,
     "fused_accumulate": True,
+    # the output pass in Gluon (chunk_sm90.py: the next chunk's tiles fetched during this one,
+    # asynchronous wgmma, shared memory placed by hand) where it covers the launch (sm_90,
+    # bf16, K = 128, no in-kernel L2 norm). Bitwise equal to the Triton pass on the H100, but
+    # no faster: output pass +4 to +10% (8 warps, one program per SM; a 4-warp form at two per
+    # SM: -2 to +6%), whole call -2 to +8% (NOTES.md, v4.6). Off
+    "sm90_output_pass": False,
 }
 
 
@@ -562,7 +572,8 @@ def _block_v(dk: int, dv: int, block_v: int | None) -> int:
     return max(16, min(bv, next_power_of_2(dv)))
 
 
-def auto_partition_chunks(chunk_counts: list[int], hv: int, nvb: int, device: torch.device) -> int:
+def auto_partition_chunks(chunk_counts: list[int], hv: int, nvb: int, device: torch.device,
+                          programs_per_sm: int = 2) -> int:
     """Chunks per partition for sequences of `chunk_counts` chunks. The output pass holds two
     programs per SM (BV 64, one stage: 255 registers, 80 KB shared), so 2 x SMs of its
     (partition, head, column block) programs run at once, and a grid just past that adds a
@@ -574,7 +585,7 @@ def auto_partition_chunks(chunk_counts: list[int], hv: int, nvb: int, device: to
     longest = max(chunk_counts + [1])
     if device.type != "cuda":
         return longest  # CPU / interpreter: no parallelism to win
-    slots = 2 * sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    slots = programs_per_sm * sm_count(device.index if device.index is not None else torch.cuda.current_device())
     per_partition = hv * nvb
     if len(chunk_counts) * per_partition >= slots:
         return longest
@@ -726,8 +737,10 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     nvb = cdiv(dv, _block_v(dk, dv, TUNING["block_v"]))
     chunk_counts = [cdiv(e - s, CHUNK_SIZE) for _, s, e in seqs]
     longest = max(chunk_counts + [1])
+    sm90 = TUNING["sm90_output_pass"] and chunk_sm90 is not None and chunk_sm90.may_run(q, v, use_qk_l2norm)
     if partition_chunks is None:
-        partition_chunks = auto_partition_chunks(chunk_counts, hv, nvb, device)
+        partition_chunks = auto_partition_chunks(chunk_counts, hv, nvb, device,
+                                                 chunk_sm90.PROGRAMS_PER_SM if sm90 else 2)
     partition_chunks = max(1, min(int(partition_chunks), longest))
     plan = _plan(seqs, partition_chunks, device)
     per_sm = 1.0
@@ -781,6 +794,10 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
             map_d, map_m, h0, starts, plan["chains"], HAS_H0=h0 is not None, **cfg["chain"],
         )
         state_in = starts
+    if sm90 and chunk_sm90.supported(q, v, rec):
+        chunk_sm90.output_pass(q, k, v, gcum, tinv, o, state_in, final, plan["parts"], plan["num_parts"],
+                               partitioned, scale, hv, group)
+        return o, final
     _recurrence_kernel[(plan["num_parts"], hv, nvb)](
         *tiles, state_in, final, None, None, plan["parts"], *strides, scale, t_len,
         MAP=False, PARTITIONED=partitioned, HAS_STATE_IN=state_in is not None, STORE_FINAL=final is not None,
