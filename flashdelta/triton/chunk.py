@@ -581,7 +581,8 @@ def auto_partition_chunks(chunk_counts: list[int], hv: int, nvb: int, device: to
     output pass 3.65 ms; 8 = 256 programs, 3.05 ms; NOTES.md). So: one partition per
     sequence when the sequences' programs already fill those slots, else the shortest
     partitions whose programs still fit in them (one wave), never below MIN_PARTITION_CHUNKS
-    chunks (the map pass and the chain cost about as much as the output pass)."""
+    chunks (the map pass and the chain cost about as much as the output pass).
+    `programs_per_sm`: output programs one SM holds (1 for the Gluon pass, chunk_sm90)."""
     longest = max(chunk_counts + [1])
     if device.type != "cuda":
         return longest  # CPU / interpreter: no parallelism to win
