@@ -55,7 +55,7 @@ VARIANTS = [
     {"block_v_chain": 16},  # with the committed chain: four times its v4.4 programs
     {"warps_chain": 8},  # with the committed chain
     {"chain_in_registers": False, "block_v_chain": None},  # v4.4's chain
-    {"sm90_output_pass": True},  # 33: the output pass in Gluon (chunk_sm90.py)
+    {"gluon_sm90": False},  # 33: the Triton map and output passes (the Gluon ones off)
 ]
 SHAPES = [("1x8K 16/16", [8192], 16, 16), ("1x32K 16/16", [32768], 16, 16), ("8x4K 16/32", [4096] * 8, 16, 32)]
 ERROR_KINDS = ["random", "near_identical_keys", "strong_decay", "large_initial_state"]

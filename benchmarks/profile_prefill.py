@@ -3,7 +3,7 @@
     ncu --clock-control none -k regex:_recurrence_kernel python benchmarks/profile_prefill.py 1x8K
 
 Options set `flashdelta.triton.chunk.TUNING` knobs, e.g. `--block-v 32 --stages 2`, or any
-knob by name: `--set sm90_output_pass=True`.
+knob by name: `--set gluon_sm90=False`.
 """
 
 import argparse

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import subprocess
+import tempfile
 
 import torch
 import triton
@@ -85,26 +89,43 @@ def prefill_kernels(dtype, dim: int, arch: int = 90):
 
 
 def sm90_kernels(arch: int = 90):
-    """The Gluon output pass (chunk_sm90.py: bf16, K = 128), as a launch specialises it."""
+    """The Gluon recurrence passes (chunk_sm90.py: bf16, K = 128), as a launch specialises them."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from . import chunk_sm90 as g
 
-    fn = g._output_pass_kernel
+    fn = g._recurrence_kernel
     tile = lambda cols: f"tensordesc<bf16[{g.CHUNK_SIZE},{cols}],{gl.NVMMASharedLayout.get_default_for([g.CHUNK_SIZE, cols], gl.bfloat16)!r}>"  # noqa: E731,E501
-    signature = {"q_desc": tile(128), "k_desc": tile(128), "v_desc": tile(g.BLOCK_V), "t_desc": tile(g.CHUNK_SIZE),
-                 "gcum_ptr": "*fp32", "o_ptr": "*bf16", "state_in_ptr": "*fp32", "state_out_ptr": "*fp32",
-                 "part_ptr": "*i32", "scale": "fp32"}
-    constexprs = dict(HV=32, GROUP=2, K=128, V=128, HAS_STATE_IN=True, PARTITIONED=True, STORE_FINAL=True)
-    signature.update({name: "constexpr" for name in constexprs})
-    signature.update({name: "i32" for name in fn.arg_names if name not in signature})
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if signature[name].startswith("*") or name.startswith("s_")}
-    src = GluonASTSource(fn=fn, signature=signature,
-                         constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
-    yield "gluon output pass", triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                              options=dict(num_warps=g.NUM_WARPS))
+    for name, mode in (("gluon output pass", dict(MAP=False, HAS_STATE_IN=True, STORE_FINAL=True)),
+                       ("gluon map pass", dict(MAP=True, HAS_STATE_IN=False, STORE_FINAL=False))):
+        signature = {"q_desc": tile(128), "k_desc": tile(128), "v_desc": tile(g.BLOCK_V),
+                     "t_desc": tile(g.CHUNK_SIZE), "gcum_ptr": "*fp32", "o_ptr": "*bf16", "state_in_ptr": "*fp32",
+                     "state_out_ptr": "*fp32", "map_d_ptr": "*fp32", "map_m_ptr": "*fp32", "part_ptr": "*i32",
+                     "scale": "fp32"}
+        constexprs = dict(HV=32, GROUP=2, K=128, V=128, PARTITIONED=True, **mode)
+        signature.update({n: "constexpr" for n in constexprs})
+        signature.update({n: "i32" for n in fn.arg_names if n not in signature})
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+                 if signature[n].startswith("*") or n.startswith("s_")}
+        src = GluonASTSource(fn=fn, signature=signature,
+                             constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
+        yield name, triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=g.NUM_WARPS))
+
+
+def registers(kernel) -> dict:
+    """Registers per thread and spill stack bytes of a compiled kernel (cuobjdump, shipped with
+    Triton's NVIDIA backend), or {} where the tool is missing."""
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(path):
+        return {}
+    with tempfile.TemporaryDirectory() as d:
+        cubin = os.path.join(d, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        out = subprocess.run([path, "-res-usage", cubin], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return {"registers": int(m.group(1)), "stack": int(m.group(2))} if m else {}
 
 
 def recurrent_kernels(dim: int, arch: int = 90):
@@ -129,7 +150,7 @@ def main():
         if dim == 128 and args.arch == 90:
             for name, k in sm90_kernels(args.arch):
                 print(json.dumps({"kernel": name, "dtype": "bf16", "dim": dim, "shared": k.metadata.shared,
-                                  "wgmma": k.asm["ptx"].count("wgmma.mma_async")}), flush=True)
+                                  "wgmma": k.asm["ptx"].count("wgmma.mma_async"), **registers(k)}), flush=True)
         for name, k in recurrent_kernels(dim, args.arch):
             print(json.dumps({"kernel": name, "dtype": "bf16", "dim": dim, "shared": k.metadata.shared}), flush=True)
 

@@ -555,12 +555,11 @@ TUNING = {
     # spill more (336 -> 376 B, 2088 -> 2240 B offline) and were not timed
     "early_qs": True,
     "fused_accumulate": True,
-    # the output pass in Gluon (chunk_sm90.py: the next chunk's tiles fetched during this one,
-    # asynchronous wgmma, shared memory placed by hand) where it covers the launch (sm_90,
-    # bf16, K = 128, no in-kernel L2 norm). Bitwise equal to the Triton pass on the H100, but
-    # no faster: output pass +4 to +10% (8 warps, one program per SM; a 4-warp form at two per
-    # SM: -2 to +6%), whole call -2 to +8% (NOTES.md, v4.6). Off
-    "sm90_output_pass": False,
+    # the map and output passes in Gluon (chunk_sm90.py: the next chunk's tiles fetched during
+    # this one, asynchronous wgmma, shared memory placed by hand, descriptors kept out of the
+    # registers) where they cover the launch (sm_90, bf16, K = 128, no in-kernel L2 norm).
+    # Bitwise equal to the Triton passes; H100 output pass -30 to -34%, map pass ? (NOTES.md v4.7)
+    "gluon_sm90": True,
 }
 
 
@@ -738,7 +737,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     nvb = cdiv(dv, _block_v(dk, dv, TUNING["block_v"]))
     chunk_counts = [cdiv(e - s, CHUNK_SIZE) for _, s, e in seqs]
     longest = max(chunk_counts + [1])
-    sm90 = TUNING["sm90_output_pass"] and chunk_sm90 is not None and chunk_sm90.may_run(q, v, use_qk_l2norm)
+    sm90 = TUNING["gluon_sm90"] and chunk_sm90 is not None and chunk_sm90.may_run(q, v, use_qk_l2norm)
     if partition_chunks is None:
         partition_chunks = auto_partition_chunks(chunk_counts, hv, nvb, device,
                                                  chunk_sm90.PROGRAMS_PER_SM if sm90 else 2)
@@ -785,11 +784,14 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     if partitioned:
         map_d = torch.empty(plan["num_maps"], hv, dk, dv, dtype=torch.float32, device=device)
         map_m = torch.empty(plan["num_maps"], hv, dk, dk, dtype=torch.float32, device=device)
-        _recurrence_kernel[(plan["num_maps"], hv, nvb + nkb)](
-            *tiles, None, None, map_d, map_m, plan["maps"], *strides, scale, t_len,
-            MAP=True, PARTITIONED=True, HAS_STATE_IN=False, STORE_FINAL=False,
-            **{**rec, **cfg["map_launch"]},
-        )
+        if sm90 and chunk_sm90.supported(q, v, rec):
+            chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, plan["maps"], plan["num_maps"], hv, group)
+        else:
+            _recurrence_kernel[(plan["num_maps"], hv, nvb + nkb)](
+                *tiles, None, None, map_d, map_m, plan["maps"], *strides, scale, t_len,
+                MAP=True, PARTITIONED=True, HAS_STATE_IN=False, STORE_FINAL=False,
+                **{**rec, **cfg["map_launch"]},
+            )
         starts = torch.empty(plan["num_parts"], hv, dk, dv, dtype=torch.float32, device=device)
         _chain_kernel[(num_seqs, hv, cfg["nvb_chain"])](
             map_d, map_m, h0, starts, plan["chains"], HAS_H0=h0 is not None, **cfg["chain"],

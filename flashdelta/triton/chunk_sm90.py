@@ -1,28 +1,29 @@
-"""The prefill's output pass for Hopper (sm_90) in Gluon: the same chunk step as
-`chunk._recurrence_kernel` (MAP = False), with the tile loads and tensor-core products
-scheduled by hand.
+"""The prefill's recurrence passes for Hopper (sm_90) in Gluon: the same chunk step as
+`chunk._recurrence_kernel` (output pass, and the map pass with MAP = True), with the tile
+loads and tensor-core products scheduled by hand.
 
-Why a second kernel: the Triton output pass (NOTES.md, v4.3-v4.5) waits on five TMA loads in
-a row per chunk step (one pipeline stage: the next chunk's tiles are not fetched early) and
-spills at 255 registers, so it runs at ~25% of the tensor-core rate. Here the next chunk's
-tiles are fetched while the current one computes (k double-buffered; q, v and T_u as soon as
-their last reader is done), the products are asynchronous wgmma, and every shared buffer is
-placed by hand (172 KB: one 8-warp program per SM, its two warpgroups splitting each tile's
-columns).
-
-Measured (H100, NOTES.md v4.6): bitwise equal to the Triton pass and no faster (+4 to +10%):
-it no longer waits on loads, but still spills at 255 registers (loop-invariant wgmma
-descriptors and addresses) and waits on that. Off by default (TUNING["sm90_output_pass"]).
+Why a second kernel: the Triton passes wait on their TMA loads where they are issued (one
+pipeline stage) and the output pass spills at 255 registers, so they run at ~25% of the
+tensor-core rate. Here the next chunk's tiles are fetched while the current one computes (k
+double-buffered; q, v and T_u as soon as their last reader is done), the products are
+asynchronous wgmma, and the shared buffers are placed by hand (104 KB: two 4-warp programs per
+SM). The one thing that made it fast (NOTES.md v4.7): every shared-memory operand is taken
+through a loop-variant index (`z`, always 0). With constant addresses the compiler hoists the
+~40 wgmma descriptors out of the loop, holds them in registers and spills them (255 registers
++ 376 B, v4.6: no faster than Triton); loop-variant, they are rebuilt next to each product in
+uniform registers (255 + 88 B; output pass -30 to -34% against the Triton pass).
 
 Scope (`supported`): bf16 q, k, v without the in-kernel L2 norm (k, q exact tensor-core
 operands), K = 128, V a multiple of 64, T_u as a bf16 hi + lo pair, TMA-readable layouts.
-Gluon kernels do not run in the interpreter: CI compiles this one for sm_90 (tests check its
-resources); its numbers are tested on the GPU against the Triton kernel and the fp64 oracle.
+Gluon kernels do not run in the interpreter: CI compiles them for sm_90 (tests check their
+resources); their numbers are tested on the GPU against the Triton kernel and the fp64 oracle.
 
 Per chunk step, for the state column block S [K, BV] (fp32, registers):
   U = T_u (V - e^G (K S)),  o = scale (e^G (Q S) + (Q K^T o L) U),
   S <- e^{G_C} S + K^T (e^{G_C - G} U),
-every product with an fp32 operand as bf16 hi + lo products (as the Triton kernel).
+every product with an fp32 operand as bf16 hi + lo products (as the Triton kernel). The map
+pass runs the step without q and o on the columns of D (values, zero start) and of M (start I,
+v = 0): S_end = M S_start + D over a partition (chunk.py, `_chain_kernel`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 CHUNK_SIZE = 64
 BLOCK_V = 64
-NUM_WARPS = 8  # two warpgroups, each with 32 of a tile's 64 columns
+NUM_WARPS = 4  # one warpgroup: [64, 64] wgmma tiles, two programs per SM
 
 
 @gluon.jit
@@ -53,24 +54,24 @@ def _issue(desc, row, col, bar, dst, pred):
 
 
 @gluon.jit
-def _output_pass_kernel(
-    q_desc, k_desc, v_desc, t_desc, gcum_ptr, o_ptr, state_in_ptr, state_out_ptr, part_ptr,
+def _recurrence_kernel(
+    q_desc, k_desc, v_desc, t_desc, gcum_ptr, o_ptr, state_in_ptr, state_out_ptr, map_d_ptr, map_m_ptr, part_ptr,
     s_cb, s_ct, s_ch, s_ob, s_ot, s_oh, scale, t_total,
-    HV: gl.constexpr, GROUP: gl.constexpr, K: gl.constexpr, V: gl.constexpr,
+    HV: gl.constexpr, GROUP: gl.constexpr, K: gl.constexpr, V: gl.constexpr, MAP: gl.constexpr,
     HAS_STATE_IN: gl.constexpr, PARTITIONED: gl.constexpr, STORE_FINAL: gl.constexpr,
 ):
-    """Grid (partitions, HV, V / 64), 8 warps: the two warpgroups split every tile's 64 columns
-    (32 each), so each thread holds half of what one warpgroup would (no spills), and they
-    share the chunk's tiles. q/k/v_desc: [B * T, heads * dim] views, tiles [64, K], [64, K],
+    """Grid (partitions, HV, V / 64), or (maps, HV, V / 64 + K / 64) when MAP (column blocks
+    past V / 64 are M's). q/k/v_desc: [B * T, heads * dim] views, tiles [64, K], [64, K],
     [64, 64]; t_desc: T_u as [B * T, 2 HV * 64] (hi of head h at 2h, lo at 2h + 1).
     part_ptr rows: (b, t_start, t_end, seq, slot, is_last) as `chunk._plan`."""
     C: gl.constexpr = 64
     BV: gl.constexpr = 64
-    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, 32, 16])
+    NVB: gl.constexpr = V // BV
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BV, 16])
+    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
     row_l: gl.constexpr = gl.SliceLayout(1, acc_l)
     col_l: gl.constexpr = gl.SliceLayout(0, acc_l)
     s_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([K, BV], gl.bfloat16)
-    p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([C, C], gl.bfloat16)
 
     i_p = gl.program_id(0)
     i_h = gl.program_id(1)
@@ -83,40 +84,47 @@ def _output_pass_kernel(
     slot = gl.load(prow + 4).to(gl.int64)
     is_last = gl.load(prow + 5)
     i_hk = i_h // GROUP
-    c0 = i_v * BV
+    if MAP:  # column blocks past NVB are M's
+        is_m = i_v >= NVB
+        has_v = i_v < NVB
+        c0 = (i_v - NVB * is_m.to(gl.int32)) * BV
+    else:
+        has_v = True
+        c0 = i_v * BV
 
     # shared memory: k twice (the next chunk's is fetched during this one), q, v, T_u hi / lo
-    # once (the next chunk's fetched as soon as their last reader is done); the bf16 pairs of
-    # S, X, U, U~ and A = Q K^T o L, the operands of the split products
+    # once; the state's bf16 pair, whose rows later hold the pairs of X, U and U~. Single
+    # buffers are [1, ...] so that the loop can index them by its opaque zero (module doc).
     k_smem = gl.allocate_shared_memory(gl.bfloat16, [2, C, K], k_desc.layout)
-    q_smem = gl.allocate_shared_memory(gl.bfloat16, [C, K], q_desc.layout)
-    v_smem = gl.allocate_shared_memory(gl.bfloat16, [C, BV], v_desc.layout)
-    th_smem = gl.allocate_shared_memory(gl.bfloat16, [C, C], t_desc.layout)
-    tl_smem = gl.allocate_shared_memory(gl.bfloat16, [C, C], t_desc.layout)
-    s_smem = gl.allocate_shared_memory(gl.bfloat16, [2, K, BV], s_sl)
-    x_smem = gl.allocate_shared_memory(gl.bfloat16, [2, C, BV], p_sl)
-    u_smem = gl.allocate_shared_memory(gl.bfloat16, [2, C, BV], p_sl)
-    ut_smem = gl.allocate_shared_memory(gl.bfloat16, [2, C, BV], p_sl)
-    a_smem = gl.allocate_shared_memory(gl.bfloat16, [2, C, C], p_sl)
+    if not MAP:
+        q_all = gl.allocate_shared_memory(gl.bfloat16, [1, C, K], q_desc.layout)
+        bar_q = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(bar_q, count=1)
+    v_all = gl.allocate_shared_memory(gl.bfloat16, [1, C, BV], v_desc.layout)
+    th_all = gl.allocate_shared_memory(gl.bfloat16, [1, C, C], t_desc.layout)
+    tl_all = gl.allocate_shared_memory(gl.bfloat16, [1, C, C], t_desc.layout)
+    sh_all = gl.allocate_shared_memory(gl.bfloat16, [1, K, BV], s_sl)
+    sl_all = gl.allocate_shared_memory(gl.bfloat16, [1, K, BV], s_sl)
     bar_k = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    bar_q = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     bar_v = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     bar_t = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(bar_k.index(0), count=1)
     mbarrier.init(bar_k.index(1), count=1)
-    mbarrier.init(bar_q, count=1)
     mbarrier.init(bar_v, count=1)
     mbarrier.init(bar_t, count=1)
 
     rk = gl.arange(0, K, layout=row_l)
     rt = gl.arange(0, C, layout=row_l)
     ct = gl.arange(0, C, layout=col_l)
-    if HAS_STATE_IN:
+    cv = c0 + gl.arange(0, BV, layout=col_l)
+    if MAP:
+        state = gl.where(is_m & (rk[:, None] == cv[None, :]), 1.0, 0.0)
+    elif HAS_STATE_IN:
         if PARTITIONED:
             src = slot
         else:
             src = seq
-        state = gl.load(state_in_ptr + (src * HV + i_h) * K * V + rk[:, None] * V + (c0 + ct)[None, :])
+        state = gl.load(state_in_ptr + (src * HV + i_h) * K * V + rk[:, None] * V + cv[None, :])
     else:
         state = gl.zeros([K, BV], gl.float32, acc_l)
 
@@ -127,19 +135,30 @@ def _output_pass_kernel(
     col_th = (2 * i_h * C).to(gl.int32)
     col_tl = col_th + C
     _issue(k_desc, row0, col_k, bar_k.index(0), k_smem.index(0), True)
-    _issue(q_desc, row0, col_k, bar_q, q_smem, True)
-    _issue(v_desc, row0, col_v, bar_v, v_smem, True)
+    if not MAP:
+        _issue(q_desc, row0, col_k, bar_q, q_all.index(0), True)
+    _issue(v_desc, row0, col_v, bar_v, v_all.index(0), has_v)  # M's columns start from v = 0
     mbarrier.expect(bar_t, 2 * t_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(t_desc, [row0, col_th], bar_t, th_smem)
-    tma.async_copy_global_to_shared(t_desc, [row0, col_tl], bar_t, tl_smem)
+    tma.async_copy_global_to_shared(t_desc, [row0, col_th], bar_t, th_all.index(0))
+    tma.async_copy_global_to_shared(t_desc, [row0, col_tl], bar_t, tl_all.index(0))
 
     for c in range(n_chunks):
         t0 = t_start + c * C
         row = row0 + c * C
         more = c + 1 < n_chunks
         buf = c % 2
-        k_cur = k_smem.index(buf)
         zero = gl.zeros([C, BV], gl.float32, acc_l)  # (use_acc=False: never read)
+        k_cur = k_smem.index(buf)
+        z = c >> 30  # 0, opaque to the compiler: descriptors stay loop-variant (module doc)
+        v_smem = v_all.index(z)
+        th_smem = th_all.index(z)
+        tl_smem = tl_all.index(z)
+        sh_smem = sh_all.index(z)
+        sl_smem = sl_all.index(z)
+        xh_smem = sh_smem.slice(0, C)
+        xl_smem = sl_smem.slice(0, C)
+        uh_smem = sh_smem.slice(C, C)
+        ul_smem = sl_smem.slice(C, C)
         # the next chunk's k into the other buffer (its last reader, the previous step, is done)
         _issue(k_desc, row + C, col_k, bar_k.index(1 - buf), k_smem.index(1 - buf), more)
         n = gl.minimum(t_end - t0, C)
@@ -149,102 +168,130 @@ def _output_pass_kernel(
         last_hi = gl.load(c_row + (n - 1) * s_ct)
         last_lo = gl.load(c_row + (n - 1) * s_ct + 1)
 
-        # K S and Q S from the state's bf16 pair (k, q exact in bf16: two products each)
+        # K S (and Q S) from the state's bf16 pair (k, q exact in bf16: two products each)
         s_hi, s_lo = _hi_lo(state)
-        s_smem.index(0).store(s_hi)
-        s_smem.index(1).store(s_lo)
+        sh_smem.store(s_hi)
+        sl_smem.store(s_lo)
         fence_async_shared()
         gl.thread_barrier()
         mbarrier.wait(bar_k.index(buf), (c // 2) & 1)
-        mbarrier.wait(bar_q, c & 1)
-        ks = warpgroup_mma(k_cur, s_smem.index(0), zero, use_acc=False, is_async=True)
-        ks = warpgroup_mma(k_cur, s_smem.index(1), ks, is_async=True)
-        qs = warpgroup_mma(q_smem, s_smem.index(0), zero, use_acc=False, is_async=True)
-        qs = warpgroup_mma(q_smem, s_smem.index(1), qs, is_async=True)
-        ks = warpgroup_mma_wait(num_outstanding=2, deps=(ks,))
+        ks = warpgroup_mma(k_cur, sh_smem, zero, use_acc=False, is_async=True)
+        ks = warpgroup_mma(k_cur, sl_smem, ks, is_async=True)
+        if MAP:
+            ks = warpgroup_mma_wait(num_outstanding=0, deps=(ks,))
+        else:
+            q_smem = q_all.index(z)
+            mbarrier.wait(bar_q, c & 1)
+            qs = warpgroup_mma(q_smem, sh_smem, zero, use_acc=False, is_async=True)
+            qs = warpgroup_mma(q_smem, sl_smem, qs, is_async=True)
+            ks, qs = warpgroup_mma_wait(num_outstanding=0, deps=(ks, qs))
 
-        # X = V - e^G (K S) (Q S still in flight); the next v is fetched once all have read v
-        mbarrier.wait(bar_v, c & 1)
+        # X = V - e^G (K S) (V = 0 in M's columns), its pair into the state pair's first rows
+        mbarrier.wait(bar_v, c & 1, pred=has_v)
         v = v_smem.load(acc_l).to(gl.float32)
+        if MAP:  # M's programs never fill v's buffer: a select, so its contents are not used
+            v = gl.where(is_m, 0.0, v)
         x = v - gl.exp(g_hi)[:, None] * ks
         x_hi, x_lo = _hi_lo(x)
-        x_smem.index(0).store(x_hi)
-        x_smem.index(1).store(x_lo)
+        gl.thread_barrier()  # every thread has read v and the state pair's readers are done
+        fence_async_shared()
+        _issue(v_desc, row + C, col_v, bar_v, v_smem, more & has_v)
+        xh_smem.store(x_hi)
+        xl_smem.store(x_lo)
         fence_async_shared()
         gl.thread_barrier()
-        _issue(v_desc, row + C, col_v, bar_v, v_smem, more)
 
-        # U = T_u X (three products of the pairs), then Q K^T
+        # U = T_u X (three products of the pairs) and, behind them, Q K^T
         mbarrier.wait(bar_t, c & 1)
-        u = warpgroup_mma(th_smem, x_smem.index(0), zero, use_acc=False, is_async=True)
-        u = warpgroup_mma(tl_smem, x_smem.index(0), u, is_async=True)
-        u = warpgroup_mma(th_smem, x_smem.index(1), u, is_async=True)
-        qk = warpgroup_mma(q_smem, k_cur.permute((1, 0)), zero, use_acc=False, is_async=True)
-        qs, u = warpgroup_mma_wait(num_outstanding=1, deps=(qs, u))
-        gl.thread_barrier()  # T_u is read: fetch the next chunk's
+        u = warpgroup_mma(th_smem, xh_smem, zero, use_acc=False, is_async=True)
+        u = warpgroup_mma(tl_smem, xh_smem, u, is_async=True)
+        u = warpgroup_mma(th_smem, xl_smem, u, is_async=True)
+        if MAP:
+            u = warpgroup_mma_wait(num_outstanding=0, deps=(u,))
+        else:
+            qk = warpgroup_mma(q_smem, k_cur.permute((1, 0)), zero, use_acc=False, is_async=True)
+            u = warpgroup_mma_wait(num_outstanding=1, deps=(u,))
+            # the gates by column, for the decay of Q K^T: a shuffle of the row gates (two
+            # [64] loads per column would hold 64 addresses per thread)
+            g_hi_c = gl.convert_layout(g_hi, col_l)
+            g_lo_c = gl.convert_layout(g_lo, col_l)
+        gl.thread_barrier()  # T_u and X are read: fetch the next chunk's T_u
         mbarrier.expect(bar_t, 2 * t_desc.block_type.nbytes, pred=more)
         tma.async_copy_global_to_shared(t_desc, [row + C, col_th], bar_t, th_smem, pred=more)
         tma.async_copy_global_to_shared(t_desc, [row + C, col_tl], bar_t, tl_smem, pred=more)
         # rows past the chunk's tokens are zero (TMA reads the next sequence's rows there)
         u = gl.where((rt < n)[:, None], u, 0.0)
-        u_hi, u_lo = _hi_lo(u)
-        u_smem.index(0).store(u_hi)
-        u_smem.index(1).store(u_lo)
-        u_t = u * gl.exp((last_hi - g_hi) + (last_lo - g_lo))[:, None]  # e^{G_C - G} U
+        if not MAP:  # U's pair into the state pair's last rows
+            u_hi, u_lo = _hi_lo(u)
+            uh_smem.store(u_hi)
+            ul_smem.store(u_lo)
+        # U~ = e^{G_C - G} U's pair over X's
+        u_t = u * gl.exp((last_hi - g_hi) + (last_lo - g_lo))[:, None]
         ut_hi, ut_lo = _hi_lo(u_t)
-        ut_smem.index(0).store(ut_hi)
-        ut_smem.index(1).store(ut_lo)
+        xh_smem.store(ut_hi)
+        xl_smem.store(ut_lo)
 
-        # A = Q K^T o L, its decay from the hi + lo prefix sums (exact where they cancel)
-        g_hi_c = gl.load(c_row + ct * s_ct, mask=ct < n, other=0.0)
-        g_lo_c = gl.load(c_row + ct * s_ct + 1, mask=ct < n, other=0.0)
-        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
-        diff = (g_hi[:, None] - g_hi_c[None, :]) + (g_lo[:, None] - g_lo_c[None, :])
-        a = qk * gl.exp(gl.where(rt[:, None] >= ct[None, :], diff, float("-inf")))
-        a_hi, a_lo = _hi_lo(a)
-        a_smem.index(0).store(a_hi)
-        a_smem.index(1).store(a_lo)
-        fence_async_shared()
-        gl.thread_barrier()
-        _issue(q_desc, row + C, col_k, bar_q, q_smem, more)  # q is read: fetch the next chunk's
-
-        # o = scale (e^G (Q S) + A U);  S <- e^{G_C} S + K^T U~
-        o = warpgroup_mma(a_smem.index(0), u_smem.index(0), qs * gl.exp(g_hi)[:, None], is_async=True)
-        o = warpgroup_mma(a_smem.index(1), u_smem.index(0), o, is_async=True)
-        o = warpgroup_mma(a_smem.index(0), u_smem.index(1), o, is_async=True)
         k_t = k_cur.permute((1, 0))
-        state = warpgroup_mma(k_t, ut_smem.index(0), state * gl.exp(last_hi + last_lo), is_async=True)
-        state = warpgroup_mma(k_t, ut_smem.index(1), state, is_async=True)
-        o = warpgroup_mma_wait(num_outstanding=2, deps=(o,))
-        o_base = o_ptr + b * s_ob + t0 * s_ot + i_h * s_oh + c0
-        gl.store(o_base + (rt * s_ot)[:, None] + ct[None, :], (o * scale).to(o_ptr.dtype.element_ty),
-                 mask=(rt < n)[:, None])
-        state = warpgroup_mma_wait(num_outstanding=0, deps=(state,))
-        gl.thread_barrier()  # every operand of this step is read: the next step overwrites them
+        if MAP:  # S <- e^{G_C} S + K^T U~
+            fence_async_shared()
+            gl.thread_barrier()
+            state = warpgroup_mma(k_t, xh_smem, state * gl.exp(last_hi + last_lo), is_async=True)
+            state = warpgroup_mma(k_t, xl_smem, state, is_async=True)
+            state = warpgroup_mma_wait(num_outstanding=0, deps=(state,))
+        else:
+            # o = scale (e^G (Q S) + (Q K^T o L) U): the pair of A = Q K^T o L in registers
+            qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
+            gl.thread_barrier()  # q is read: fetch the next chunk's
+            _issue(q_desc, row + C, col_k, bar_q, q_smem, more)
+            diff = (g_hi[:, None] - g_hi_c[None, :]) + (g_lo[:, None] - g_lo_c[None, :])
+            a = qk * gl.exp(gl.where(rt[:, None] >= ct[None, :], diff, float("-inf")))
+            a_hi, a_lo = _hi_lo(a)
+            a_hi = gl.convert_layout(a_hi, a_l)
+            a_lo = gl.convert_layout(a_lo, a_l)
+            fence_async_shared()
+            gl.thread_barrier()
+            o = warpgroup_mma(a_hi, uh_smem, qs * gl.exp(g_hi)[:, None], is_async=True)
+            o = warpgroup_mma(a_lo, uh_smem, o, is_async=True)
+            o = warpgroup_mma(a_hi, ul_smem, o, is_async=True)
+            # S <- e^{G_C} S + K^T U~
+            state = warpgroup_mma(k_t, xh_smem, state * gl.exp(last_hi + last_lo), is_async=True)
+            state = warpgroup_mma(k_t, xl_smem, state, is_async=True)
+            # (A's registers are operands until the products are done: kept alive through the wait)
+            o, state, a_hi, a_lo = warpgroup_mma_wait(num_outstanding=0, deps=(o, state, a_hi, a_lo))
+            o_base = o_ptr + b * s_ob + t0 * s_ot + i_h * s_oh + c0
+            gl.store(o_base + (rt * s_ot)[:, None] + ct[None, :], (o * scale).to(o_ptr.dtype.element_ty),
+                     mask=(rt < n)[:, None])
+        gl.thread_barrier()  # the state pair's rows are read: the next step overwrites them
 
     mbarrier.invalidate(bar_k.index(0))
     mbarrier.invalidate(bar_k.index(1))
-    mbarrier.invalidate(bar_q)
     mbarrier.invalidate(bar_v)
     mbarrier.invalidate(bar_t)
-    if STORE_FINAL:
-        if is_last != 0:
-            gl.store(state_out_ptr + (seq * HV + i_h) * K * V + rk[:, None] * V + (c0 + ct)[None, :], state)
+    if MAP:
+        if is_m:
+            gl.store(map_m_ptr + (slot * HV + i_h) * K * K + rk[:, None] * K + cv[None, :], state)
+        else:
+            gl.store(map_d_ptr + (slot * HV + i_h) * K * V + rk[:, None] * V + cv[None, :], state)
+    else:
+        mbarrier.invalidate(bar_q)
+        if STORE_FINAL:
+            if is_last != 0:
+                gl.store(state_out_ptr + (seq * HV + i_h) * K * V + rk[:, None] * V + cv[None, :], state)
 
 
-# One program per SM (8 warps, 168 KB of shared memory): the partition rule fills SMs, not
-# two slots each as for the Triton output pass.
-PROGRAMS_PER_SM = 1
+# Two programs per SM (4 warps, 104 KB of shared memory, 255 registers): the partition rule
+# fills two slots per SM, as for the Triton output pass.
+PROGRAMS_PER_SM = 2
 
 
 def may_run(q: torch.Tensor, v: torch.Tensor, use_qk_l2norm: bool) -> bool:
-    """Whether this kernel covers these inputs (before the layout checks of `supported`)."""
+    """Whether these kernels cover these inputs (before the layout checks of `supported`)."""
     return (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0) and q.dtype == torch.bfloat16
             and not use_qk_l2norm and q.shape[3] == 128 and v.shape[3] % BLOCK_V == 0)
 
 
 def supported(q: torch.Tensor, v: torch.Tensor, rec: dict) -> bool:
-    """Whether this kernel covers the launch `rec` (chunk.launch_config's recurrence dict, TMA
+    """Whether these kernels cover the launch `rec` (chunk.launch_config's recurrence dict, TMA
     already decided) on q's device."""
     return (may_run(q, v, rec["L2NORM"]) and rec["K_EXACT"] and rec["T_SPLIT"] and rec["TMA"] and rec["TMA_T"]
             and rec["BK"] == 128 and rec["BV"] == BLOCK_V)
@@ -258,13 +305,30 @@ def descriptor(x: torch.Tensor, cols: int) -> TensorDescriptor:
     return TensorDescriptor(x, [bsz * t_len, heads * d], [x.stride(1), 1], [CHUNK_SIZE, cols], layout)
 
 
+def _descriptors(q, k, v, tinv):
+    dk = q.shape[3]
+    return descriptor(q, dk), descriptor(k, dk), descriptor(v, BLOCK_V), descriptor(tinv, CHUNK_SIZE)
+
+
+def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps: int, hv: int, group: int):
+    """The affine state map (M, D) of each partition in `maps` but the last of a sequence:
+    map_d [maps, HV, K, V], map_m [maps, HV, K, K] are written."""
+    dk, dv = q.shape[3], v.shape[3]
+    _recurrence_kernel[(num_maps, hv, dv // BLOCK_V + dk // BLOCK_V)](
+        *_descriptors(q, k, v, tinv), gcum, None, None, None, map_d, map_m, maps, *gcum.stride()[:3], 0, 0, 0,
+        1.0, q.shape[1],
+        HV=hv, GROUP=group, K=dk, V=dv, MAP=True, HAS_STATE_IN=False, PARTITIONED=True, STORE_FINAL=False,
+        num_warps=NUM_WARPS,
+    )
+
+
 def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts: int, partitioned: bool, scale: float,
                 hv: int, group: int):
     """Launch over `num_parts` partitions (rows of `parts`); o and final are written."""
     dk, dv = q.shape[3], v.shape[3]
-    _output_pass_kernel[(num_parts, hv, dv // BLOCK_V)](
-        descriptor(q, dk), descriptor(k, dk), descriptor(v, BLOCK_V), descriptor(tinv, CHUNK_SIZE), gcum, o,
-        state_in, final, parts, *gcum.stride()[:3], *o.stride()[:3], scale, q.shape[1],
-        HV=hv, GROUP=group, K=dk, V=dv, HAS_STATE_IN=state_in is not None, PARTITIONED=partitioned,
+    _recurrence_kernel[(num_parts, hv, dv // BLOCK_V)](
+        *_descriptors(q, k, v, tinv), gcum, o, state_in, final, None, None, parts, *gcum.stride()[:3],
+        *o.stride()[:3], scale, q.shape[1],
+        HV=hv, GROUP=group, K=dk, V=dv, MAP=False, HAS_STATE_IN=state_in is not None, PARTITIONED=partitioned,
         STORE_FINAL=final is not None, num_warps=NUM_WARPS,
     )

@@ -226,22 +226,23 @@ def test_chain_in_registers_only_where_timed():
         assert cfg["nvb_chain"] == dim // 32
 
 
-def test_sm90_output_pass_off_and_scoped(monkeypatch):
-    """The Gluon output pass is off by default (measured no faster, NOTES.md v4.6); switched on,
-    it is only taken on sm_90 with bf16, K = 128 and no in-kernel L2 norm: elsewhere (here: the
-    CPU) the Triton pass runs and gives the same numbers."""
+def test_gluon_sm90_scoped(monkeypatch):
+    """The Gluon map and output passes (on by default) are only taken on sm_90 with bf16,
+    K = 128 and no in-kernel L2 norm: elsewhere (here: the CPU) the Triton passes run, and
+    switching the knob off changes nothing there. Partitioned, so the map pass is in play."""
     from flashdelta.triton import chunk as tc
 
-    assert tc.TUNING["sm90_output_pass"] is False
+    assert tc.TUNING["gluon_sm90"] is True
     case = make_case("random", torch.float32, "cpu", seed=3, seq_len=130, dk=32)
     q, k, v, g, beta = case.args()
-    base = chunk_gated_delta_rule_fwd(q, k, v, g, beta, 32**-0.5, None, True)
-    monkeypatch.setitem(tc.TUNING, "sm90_output_pass", True)
     if tc.chunk_sm90 is not None:
         assert not tc.chunk_sm90.may_run(q, v, False)
-        monkeypatch.setattr(tc.chunk_sm90, "output_pass", lambda *a, **k: pytest.fail("Gluon pass on the CPU"))
-    on = chunk_gated_delta_rule_fwd(q, k, v, g, beta, 32**-0.5, None, True)
-    assert torch.equal(base[0], on[0]) and torch.equal(base[1], on[1])
+        for name in ("output_pass", "map_pass"):
+            monkeypatch.setattr(tc.chunk_sm90, name, lambda *a, **k: pytest.fail("Gluon pass on the CPU"))
+    on = chunk_gated_delta_rule_fwd(q, k, v, g, beta, 32**-0.5, None, True, partition_chunks=1)
+    monkeypatch.setitem(tc.TUNING, "gluon_sm90", False)
+    off = chunk_gated_delta_rule_fwd(q, k, v, g, beta, 32**-0.5, None, True, partition_chunks=1)
+    assert torch.equal(on[0], off[0]) and torch.equal(on[1], off[1])
 
 
 def test_inverse_blocked16_only_for_bf16_inputs():

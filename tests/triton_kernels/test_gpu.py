@@ -85,32 +85,30 @@ def _hopper():
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
-@pytest.mark.skipif(not _hopper(), reason="the Gluon output pass is sm_90 only")
+@pytest.mark.skipif(not _hopper(), reason="the Gluon passes are sm_90 only")
 @pytest.mark.parametrize("kind", ["random", "near_identical_keys", "cyclic_keys", "strong_decay", "zero_decay",
                                   "beta_0_2", "large_initial_state", "varlen"])
 @pytest.mark.parametrize("seq_len, partition_chunks", [(130, None), (130, 1), (1000, 3)])
-def test_sm90_output_pass(kind, seq_len, partition_chunks, monkeypatch):
-    """The Gluon output pass (TUNING["sm90_output_pass"], off by default) runs, gives the same
-    o and final state as the Triton one (the same products in the same order: bitwise equal on
-    the H100), stays within the exactness goal, and is deterministic. Outputs poisoned first."""
+def test_gluon_sm90_passes(kind, seq_len, partition_chunks, monkeypatch):
+    """The Gluon map and output passes (TUNING["gluon_sm90"], on by default) run, give the same
+    o and final state as the Triton passes (the same products in the same order: bitwise equal
+    on the H100), stay within the exactness goal, and are deterministic. Outputs poisoned first."""
     from flashdelta.triton import chunk as tc
     from flashdelta.triton import chunk_sm90
 
-    runs = []
-    launch = chunk_sm90.output_pass
-
-    def counted(*args, **kwargs):
-        runs.append(1)
-        return launch(*args, **kwargs)
-
-    monkeypatch.setattr(chunk_sm90, "output_pass", counted)
+    runs = {"output_pass": 0, "map_pass": 0}
+    for name in runs:
+        def counted(*args, _launch=getattr(chunk_sm90, name), _name=name, **kwargs):
+            runs[_name] += 1
+            return _launch(*args, **kwargs)
+        monkeypatch.setattr(chunk_sm90, name, counted)
     case = make_case(kind, torch.bfloat16, "cuda", seed=7, seq_len=seq_len, heads=2, value_heads=4, dk=128)
     q, k, v, g, beta = case.args()
     kw = case.kwargs
     n_seqs = len(kw["cu_seqlens"]) - 1 if "cu_seqlens" in kw else q.shape[0]
 
     def run(on):
-        monkeypatch.setitem(tc.TUNING, "sm90_output_pass", on)
+        monkeypatch.setitem(tc.TUNING, "gluon_sm90", on)
         o = torch.full_like(v, float("nan"))
         s = torch.full((n_seqs, v.shape[2], k.shape[3], v.shape[3]), float("nan"), device="cuda")
         return chunk_gated_delta_rule_fwd(q, k, v, g, beta, k.shape[3] ** -0.5, kw.get("initial_state"), True,
@@ -119,7 +117,9 @@ def test_sm90_output_pass(kind, seq_len, partition_chunks, monkeypatch):
 
     o_g, s_g = run(True)
     o_g2, s_g2 = run(True)
-    assert len(runs) == 2
+    lens = torch.diff(kw["cu_seqlens"]).tolist() if "cu_seqlens" in kw else [seq_len] * q.shape[0]
+    split = partition_chunks is not None and max(lens) > partition_chunks * 64
+    assert runs["output_pass"] == 2 and runs["map_pass"] == (2 if split else 0), runs
     o_t, s_t = run(False)
     o_ref, s_ref = oracle(case)
     assert torch.equal(o_g, o_g2) and torch.equal(s_g, s_g2)
