@@ -558,7 +558,8 @@ TUNING = {
     # the map and output passes in Gluon (chunk_sm90.py: the next chunk's tiles fetched during
     # this one, asynchronous wgmma, shared memory placed by hand, descriptors kept out of the
     # registers) where they cover the launch (sm_90, bf16, K = 128, no in-kernel L2 norm).
-    # Bitwise equal to the Triton passes; H100 output pass -30 to -34%, map pass ? (NOTES.md v4.7)
+    # Bitwise equal to the Triton passes; H100: output pass -32 to -35%, map pass -3 to -7%, calls
+    # -15 to -24% (NOTES.md v4.7)
     "gluon_sm90": True,
 }
 

@@ -184,7 +184,7 @@ def _recurrence_kernel(
             mbarrier.wait(bar_q, c & 1)
             qs = warpgroup_mma(q_smem, sh_smem, zero, use_acc=False, is_async=True)
             qs = warpgroup_mma(q_smem, sl_smem, qs, is_async=True)
-            ks, qs = warpgroup_mma_wait(num_outstanding=0, deps=(ks, qs))
+            ks = warpgroup_mma_wait(num_outstanding=2, deps=(ks,))  # Q S runs on during X
 
         # X = V - e^G (K S) (V = 0 in M's columns), its pair into the state pair's first rows
         mbarrier.wait(bar_v, c & 1, pred=has_v)
@@ -193,6 +193,8 @@ def _recurrence_kernel(
             v = gl.where(is_m, 0.0, v)
         x = v - gl.exp(g_hi)[:, None] * ks
         x_hi, x_lo = _hi_lo(x)
+        if not MAP:
+            qs = warpgroup_mma_wait(num_outstanding=0, deps=(qs,))
         gl.thread_barrier()  # every thread has read v and the state pair's readers are done
         fence_async_shared()
         _issue(v_desc, row + C, col_v, bar_v, v_smem, more & has_v)
