@@ -226,14 +226,15 @@ def test_chain_in_registers_only_where_timed():
         assert cfg["nvb_chain"] == dim // 32
 
 
-def test_gluon_sm90_scoped(monkeypatch):
+def test_gluon_sm90_scoped(monkeypatch, device):
     """The Gluon map and output passes (on by default) are only taken on sm_90 with bf16,
-    K = 128 and no in-kernel L2 norm: elsewhere (here: the CPU) the Triton passes run, and
-    switching the knob off changes nothing there. Partitioned, so the map pass is in play."""
+    K = 128 and no in-kernel L2 norm: elsewhere (here: fp32, K = 32, or the CPU) the Triton
+    passes run, and switching the knob off changes nothing there. Partitioned, so the map
+    pass is in play."""
     from flashdelta.triton import chunk as tc
 
     assert tc.TUNING["gluon_sm90"] is True
-    case = make_case("random", torch.float32, "cpu", seed=3, seq_len=130, dk=32)
+    case = make_case("random", torch.float32, device, seed=3, seq_len=130, dk=32)
     q, k, v, g, beta = case.args()
     if tc.chunk_sm90 is not None:
         assert not tc.chunk_sm90.may_run(q, v, False)
