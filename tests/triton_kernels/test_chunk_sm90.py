@@ -1,0 +1,130 @@
+"""The Gluon passes' host side, on the CPU. Gluon kernels do not run in the interpreter, so CI
+cannot execute them (the GPU tests do, against the Triton passes and the oracle); what CI can
+check is that the launch wrappers hand each kernel argument the right tensor, stride and
+constant, and that the prefill routes its map and output passes to them with the right
+buffers. A swapped argument here would be a wrong answer on every Hopper GPU."""
+
+import inspect
+
+import pytest
+import torch
+
+pytest.importorskip("triton.experimental.gluon")
+
+from flashdelta.testing import make_case  # noqa: E402
+from flashdelta.triton import chunk as tc  # noqa: E402
+from flashdelta.triton import chunk_sm90  # noqa: E402
+
+
+class _Recorder:
+    """Stands in for the Gluon kernel: `kernel[grid](...)` records the grid and the arguments
+    bound to the kernel's own parameter names."""
+
+    def __init__(self):
+        self.calls = []
+        self.params = inspect.signature(chunk_sm90._recurrence_kernel.fn).parameters
+
+    def __getitem__(self, grid):
+        def launch(*args, num_warps, **kwargs):
+            bound = inspect.Signature(list(self.params.values())).bind(*args, **kwargs)
+            self.calls.append((grid, num_warps, dict(bound.arguments)))
+        return launch
+
+
+def _inputs(b=2, t=192, h=2, hv=4, dk=128, dv=128):
+    q, k = (torch.randn(b, t, h, dk).bfloat16() for _ in range(2))
+    v = torch.randn(b, t, hv, dv).bfloat16()
+    tinv = torch.randn(b, t, 2 * hv, chunk_sm90.CHUNK_SIZE).bfloat16()
+    gcum = torch.randn(b, t, hv, 2)
+    return q, k, v, tinv, gcum
+
+
+def _check_tiles(a, q, k, v, tinv):
+    for name, x, cols in (("q_desc", q, 128), ("k_desc", k, 128), ("v_desc", v, chunk_sm90.BLOCK_V),
+                          ("t_desc", tinv, chunk_sm90.CHUNK_SIZE)):
+        d = a[name]
+        bsz, t_len, heads, dim = x.shape
+        assert d.base is x, name
+        assert list(d.shape) == [bsz * t_len, heads * dim] and list(d.strides) == [x.stride(1), 1], name
+        assert list(d.block_shape) == [chunk_sm90.CHUNK_SIZE, cols], name
+
+
+def test_output_pass_binds_its_arguments(monkeypatch):
+    rec = _Recorder()
+    monkeypatch.setattr(chunk_sm90, "_recurrence_kernel", rec)
+    q, k, v, tinv, gcum = _inputs()
+    o = torch.empty_like(v)
+    state_in = torch.empty(3, 4, 128, 128)
+    final = torch.empty(2, 4, 128, 128)
+    parts = torch.zeros(3, 6, dtype=torch.int32)
+    chunk_sm90.output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, 3, True, 0.125, 4, 2)
+    ((grid, warps, a),) = rec.calls
+    assert grid == (3, 4, 128 // chunk_sm90.BLOCK_V) and warps == chunk_sm90.NUM_WARPS
+    _check_tiles(a, q, k, v, tinv)
+    assert a["gcum_ptr"] is gcum and a["o_ptr"] is o and a["part_ptr"] is parts
+    assert a["state_in_ptr"] is state_in and a["state_out_ptr"] is final
+    assert a["map_d_ptr"] is None and a["map_m_ptr"] is None
+    assert (a["s_cb"], a["s_ct"], a["s_ch"]) == gcum.stride()[:3]
+    assert (a["s_ob"], a["s_ot"], a["s_oh"]) == o.stride()[:3]
+    assert a["scale"] == 0.125 and a["t_total"] == 192
+    assert (a["HV"], a["GROUP"], a["K"], a["V"]) == (4, 2, 128, 128)
+    assert a["MAP"] is False and a["HAS_STATE_IN"] and a["PARTITIONED"] and a["STORE_FINAL"]
+
+
+def test_map_pass_binds_its_arguments(monkeypatch):
+    rec = _Recorder()
+    monkeypatch.setattr(chunk_sm90, "_recurrence_kernel", rec)
+    q, k, v, tinv, gcum = _inputs(dv=64)
+    map_d = torch.empty(5, 4, 128, 64)
+    map_m = torch.empty(5, 4, 128, 128)
+    maps = torch.zeros(5, 6, dtype=torch.int32)
+    chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, 5, 4, 2)
+    ((grid, _, a),) = rec.calls
+    assert grid == (5, 4, 64 // chunk_sm90.BLOCK_V + 128 // chunk_sm90.BLOCK_V)  # D's column blocks, then M's
+    _check_tiles(a, q, k, v, tinv)
+    assert a["map_d_ptr"] is map_d and a["map_m_ptr"] is map_m and a["part_ptr"] is maps
+    assert a["o_ptr"] is None and a["state_in_ptr"] is None and a["state_out_ptr"] is None
+    assert (a["s_cb"], a["s_ct"], a["s_ch"]) == gcum.stride()[:3] and a["t_total"] == 192
+    assert (a["HV"], a["GROUP"], a["K"], a["V"]) == (4, 2, 128, 64)
+    assert a["MAP"] is True and not a["HAS_STATE_IN"] and not a["STORE_FINAL"]
+
+
+@pytest.mark.parametrize("partition_chunks", [1, None])
+def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, device):
+    """With the Gluon passes taken (forced here, wherever the test runs), the prefill hands them the
+    inverse's T_u pair and gate sums, the maps' buffers and the chain's starts."""
+    calls = {}
+
+    def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps, hv, group):
+        calls["map"] = dict(gcum=gcum.shape, tinv=(tinv.shape, tinv.dtype), map_d=map_d.shape, map_m=map_m.shape,
+                            maps=maps.shape, num_maps=num_maps, hv=hv, group=group)
+        map_d.zero_()
+        map_m.zero_()
+
+    def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts, partitioned, scale, hv, group):
+        calls["out"] = dict(state_in=None if state_in is None else state_in.shape, final=final.shape,
+                            parts=parts.shape, num_parts=num_parts, partitioned=partitioned, scale=scale, hv=hv,
+                            group=group, o=o.shape)
+        o.zero_()
+        final.zero_()
+
+    monkeypatch.setattr(chunk_sm90, "may_run", lambda q, v, l2: True)
+    monkeypatch.setattr(chunk_sm90, "supported", lambda q, v, rec: True)
+    monkeypatch.setattr(chunk_sm90, "map_pass", map_pass)
+    monkeypatch.setattr(chunk_sm90, "output_pass", output_pass)
+    case = make_case("random", torch.bfloat16, device, seed=1, seq_len=200, heads=2, value_heads=4, dk=128)
+    q, k, v, g, beta = case.args()
+    tc.chunk_gated_delta_rule_fwd(q, k, v, g, beta, 0.125, None, True, partition_chunks=partition_chunks)
+    bsz, t_len = q.shape[:2]
+    if partition_chunks == 1:  # 4 chunks: 4 partitions, 3 maps, the chain's 4 starts
+        assert calls["map"] == dict(gcum=(bsz, t_len, 4, 2), tinv=((bsz, t_len, 8, 64), torch.bfloat16),
+                                    map_d=(3 * bsz, 4, 128, 128), map_m=(3 * bsz, 4, 128, 128),
+                                    maps=(3 * bsz, 6), num_maps=3 * bsz, hv=4, group=2)
+        assert calls["out"]["state_in"] == (4 * bsz, 4, 128, 128) and calls["out"]["partitioned"]
+        assert calls["out"]["num_parts"] == 4 * bsz
+    else:  # one partition per sequence: no maps, no starts
+        assert "map" not in calls
+        assert calls["out"]["state_in"] is None and not calls["out"]["partitioned"]
+        assert calls["out"]["num_parts"] == bsz
+    assert calls["out"]["final"] == (bsz, 4, 128, 128) and calls["out"]["o"] == tuple(v.shape)
+    assert calls["out"]["scale"] == 0.125 and (calls["out"]["hv"], calls["out"]["group"]) == (4, 2)
