@@ -39,7 +39,8 @@ def test_gluon_passes_fit_two_per_sm_without_hoisted_descriptors():
     assert chunk_sm90.PROGRAMS_PER_SM == 2 and chunk_sm90.NUM_WARPS == 4
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import json; from flashdelta.triton import aot\n"
-            "for name, k in aot.sm90_kernels(): print(json.dumps(dict(kernel=name, shared=k.metadata.shared, **aot.registers(k))))")
+            "for name, k in aot.sm90_kernels():\n"
+            "    print(json.dumps(dict(kernel=name, shared=k.metadata.shared, **aot.registers(k))))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = {r["kernel"]: r for r in map(json.loads, res.stdout.splitlines())}
