@@ -11,7 +11,7 @@ SM). The one thing that made it fast (NOTES.md v4.7): every shared-memory operan
 through a loop-variant index (`z`, always 0). With constant addresses the compiler hoists the
 ~40 wgmma descriptors out of the loop, holds them in registers and spills them (255 registers
 + 376 B, v4.6: no faster than Triton); loop-variant, they are rebuilt next to each product in
-uniform registers (255 + 88 B; output pass -30 to -34% against the Triton pass).
+uniform registers (255 + 72 B; output pass -32 to -35% against the Triton pass on the H100).
 
 Scope (`supported`): bf16 q, k, v without the in-kernel L2 norm (k, q exact tensor-core
 operands), K = 128, V a multiple of 64, T_u as a bf16 hi + lo pair, TMA-readable layouts.
