@@ -693,18 +693,24 @@ def _launch_config(dtype, dk, dv, group, hv, use_qk_l2norm, many_programs, tunin
             "nvb": cdiv(dv, bv), "nkb": cdiv(dk, bv), "nvb_chain": cdiv(dv, bv_chain)}
 
 
-def _tma_view(x: torch.Tensor, dim: int, cols: int):
-    """Descriptor of [B, T, heads, D] x viewed as [B * T, heads * D] for [CHUNK, cols] tiles at
-    column head * D + c (D == dim), or None where TMA cannot read it: heads and D must merge,
-    B and T must merge, the inner stride be 1 and the base and row stride 16-byte aligned,
-    and tiles must not straddle heads (D a multiple of cols)."""
+def _tma_readable(x: torch.Tensor, dim: int, cols: int) -> bool:
+    """Whether TMA can read [B, T, heads, D] x viewed as [B * T, heads * D] in [CHUNK, cols]
+    tiles at column head * D + c (D == dim): heads and D must merge, B and T must merge, the
+    inner stride be 1 and the base and row stride 16-byte aligned, and tiles must not
+    straddle heads (D a multiple of cols)."""
     bsz, t_len, heads, d = x.shape
     if d != dim or d % cols or x.stride(3) != 1 or (heads > 1 and x.stride(2) != d):
-        return None
+        return False
     if bsz > 1 and x.stride(0) != t_len * x.stride(1):
+        return False
+    return not (x.data_ptr() % 16 or (x.stride(1) * x.element_size()) % 16 or (cols * x.element_size()) % 16)
+
+
+def _tma_view(x: torch.Tensor, dim: int, cols: int):
+    """Descriptor of x for the Triton passes' tiles (see `_tma_readable`), or None."""
+    if not _tma_readable(x, dim, cols):
         return None
-    if x.data_ptr() % 16 or (x.stride(1) * x.element_size()) % 16 or (cols * x.element_size()) % 16:
-        return None
+    bsz, t_len, heads, d = x.shape
     return TensorDescriptor(x, [bsz * t_len, heads * d], [x.stride(1), 1], [CHUNK_SIZE, cols])
 
 
@@ -774,19 +780,25 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     partitioned = plan["num_maps"] > 0
     strides = (*q.stride(), *k.stride(), *v.stride(), *gcum.stride()[:3], *tinv.stride()[:3], *o.stride()[:3])
     rec = dict(cfg["recurrence"])
-    descs = None
-    if rec["TMA"] and _tma_supported(device):
-        descs = [_tma_view(q, dk, rec["BK"]), _tma_view(k, dk, rec["BK"]), _tma_view(v, dv, rec["BV"]),
-                 _tma_view(tinv, CHUNK_SIZE, CHUNK_SIZE)]
-    rec["TMA"] = descs is not None and all(d is not None for d in descs)
+    operands = ((q, dk, rec["BK"]), (k, dk, rec["BK"]), (v, dv, rec["BV"]), (tinv, CHUNK_SIZE, CHUNK_SIZE))
+    rec["TMA"] = rec["TMA"] and _tma_supported(device) and all(_tma_readable(*x) for x in operands)
     rec["TMA_T"] = rec["TMA"] and rec["TMA_T"]
-    tiles = (*descs[:3], gcum, descs[3] if rec["TMA_T"] else tinv, o) if rec["TMA"] else (q, k, v, gcum, tinv, o)
+    # descriptors are built once per call, only for the passes that run (host time: ~3-14 us each)
+    gluon = sm90 and chunk_sm90.supported(q, v, rec)
+    if gluon:
+        gluon_descs = chunk_sm90.descriptors(q, k, v, tinv)
+    elif rec["TMA"]:
+        descs = [_tma_view(*x) for x in operands]
+        tiles = (*descs[:3], gcum, descs[3] if rec["TMA_T"] else tinv, o)
+    else:
+        tiles = (q, k, v, gcum, tinv, o)
     state_in = h0
     if partitioned:
         map_d = torch.empty(plan["num_maps"], hv, dk, dv, dtype=torch.float32, device=device)
         map_m = torch.empty(plan["num_maps"], hv, dk, dk, dtype=torch.float32, device=device)
-        if sm90 and chunk_sm90.supported(q, v, rec):
-            chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, plan["maps"], plan["num_maps"], hv, group)
+        if gluon:
+            chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, plan["maps"], plan["num_maps"], hv, group,
+                                descs=gluon_descs)
         else:
             _recurrence_kernel[(plan["num_maps"], hv, nvb + nkb)](
                 *tiles, None, None, map_d, map_m, plan["maps"], *strides, scale, t_len,
@@ -798,9 +810,9 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
             map_d, map_m, h0, starts, plan["chains"], HAS_H0=h0 is not None, **cfg["chain"],
         )
         state_in = starts
-    if sm90 and chunk_sm90.supported(q, v, rec):
+    if gluon:
         chunk_sm90.output_pass(q, k, v, gcum, tinv, o, state_in, final, plan["parts"], plan["num_parts"],
-                               partitioned, scale, hv, group)
+                               partitioned, scale, hv, group, descs=gluon_descs)
         return o, final
     _recurrence_kernel[(plan["num_parts"], hv, nvb)](
         *tiles, state_in, final, None, None, plan["parts"], *strides, scale, t_len,

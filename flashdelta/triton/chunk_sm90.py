@@ -28,6 +28,8 @@ v = 0): S_end = M S_start + D over a partition (chunk.py, `_chain_kernel`).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -299,25 +301,33 @@ def supported(q: torch.Tensor, v: torch.Tensor, rec: dict) -> bool:
             and rec["BK"] == 128 and rec["BV"] == BLOCK_V)
 
 
+@functools.lru_cache(maxsize=None)
+def _tile_layout(cols: int):
+    """The shared layout of a bf16 [64, cols] tile, as the kernel's products read it (building
+    it costs ~10 us of host time: once per width)."""
+    return gl.NVMMASharedLayout.get_default_for([CHUNK_SIZE, cols], gl.bfloat16)
+
+
 def descriptor(x: torch.Tensor, cols: int) -> TensorDescriptor:
-    """[B, T, heads, D] x (layout checked by chunk._tma_view) as [B * T, heads * D], [64, cols]
-    tiles in the shared layout the kernel's products read."""
+    """[B, T, heads, D] x (layout checked by chunk._tma_readable) as [B * T, heads * D],
+    [64, cols] tiles in the shared layout the kernel's products read."""
     bsz, t_len, heads, d = x.shape
-    layout = gl.NVMMASharedLayout.get_default_for([CHUNK_SIZE, cols], gl.bfloat16)
-    return TensorDescriptor(x, [bsz * t_len, heads * d], [x.stride(1), 1], [CHUNK_SIZE, cols], layout)
+    return TensorDescriptor(x, [bsz * t_len, heads * d], [x.stride(1), 1], [CHUNK_SIZE, cols], _tile_layout(cols))
 
 
-def _descriptors(q, k, v, tinv):
+def descriptors(q, k, v, tinv) -> tuple:
+    """The four tile descriptors both passes read (q, k, v, T_u's pair), built once per call."""
     dk = q.shape[3]
     return descriptor(q, dk), descriptor(k, dk), descriptor(v, BLOCK_V), descriptor(tinv, CHUNK_SIZE)
 
 
-def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps: int, hv: int, group: int):
+def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps: int, hv: int, group: int, descs=None):
     """The affine state map (M, D) of each partition in `maps` but the last of a sequence:
-    map_d [maps, HV, K, V], map_m [maps, HV, K, K] are written."""
+    map_d [maps, HV, K, V], map_m [maps, HV, K, K] are written. `descs`: `descriptors(q, k,
+    v, tinv)` when the caller has them."""
     dk, dv = q.shape[3], v.shape[3]
     _recurrence_kernel[(num_maps, hv, dv // BLOCK_V + dk // BLOCK_V)](
-        *_descriptors(q, k, v, tinv), gcum, None, None, None, map_d, map_m, maps, *gcum.stride()[:3], 0, 0, 0,
+        *(descs or descriptors(q, k, v, tinv)), gcum, None, None, None, map_d, map_m, maps, *gcum.stride()[:3], 0, 0, 0,
         1.0, q.shape[1],
         HV=hv, GROUP=group, K=dk, V=dv, MAP=True, HAS_STATE_IN=False, PARTITIONED=True, STORE_FINAL=False,
         num_warps=NUM_WARPS,
@@ -325,11 +335,12 @@ def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps: int, hv: int, gr
 
 
 def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts: int, partitioned: bool, scale: float,
-                hv: int, group: int):
-    """Launch over `num_parts` partitions (rows of `parts`); o and final are written."""
+                hv: int, group: int, descs=None):
+    """Launch over `num_parts` partitions (rows of `parts`); o and final are written. `descs`:
+    `descriptors(q, k, v, tinv)` when the caller has them."""
     dk, dv = q.shape[3], v.shape[3]
     _recurrence_kernel[(num_parts, hv, dv // BLOCK_V)](
-        *_descriptors(q, k, v, tinv), gcum, o, state_in, final, None, None, parts, *gcum.stride()[:3],
+        *(descs or descriptors(q, k, v, tinv)), gcum, o, state_in, final, None, None, parts, *gcum.stride()[:3],
         *o.stride()[:3], scale, q.shape[1],
         HV=hv, GROUP=group, K=dk, V=dv, MAP=False, HAS_STATE_IN=state_in is not None, PARTITIONED=partitioned,
         STORE_FINAL=final is not None, num_warps=NUM_WARPS,

@@ -95,13 +95,15 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, devic
     inverse's T_u pair and gate sums, the maps' buffers and the chain's starts."""
     calls = {}
 
-    def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps, hv, group):
+    def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps, hv, group, descs):
+        calls["map_descs"] = descs
         calls["map"] = dict(gcum=gcum.shape, tinv=(tinv.shape, tinv.dtype), map_d=map_d.shape, map_m=map_m.shape,
                             maps=maps.shape, num_maps=num_maps, hv=hv, group=group)
         map_d.zero_()
         map_m.zero_()
 
-    def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts, partitioned, scale, hv, group):
+    def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts, partitioned, scale, hv, group, descs):
+        calls["out_descs"] = descs
         calls["out"] = dict(state_in=None if state_in is None else state_in.shape, final=final.shape,
                             parts=parts.shape, num_parts=num_parts, partitioned=partitioned, scale=scale, hv=hv,
                             group=group, o=o.shape)
@@ -128,3 +130,7 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, devic
         assert calls["out"]["num_parts"] == bsz
     assert calls["out"]["final"] == (bsz, 4, 128, 128) and calls["out"]["o"] == tuple(v.shape)
     assert calls["out"]["scale"] == 0.125 and (calls["out"]["hv"], calls["out"]["group"]) == (4, 2)
+    # one set of tile descriptors per call, shared by both passes: q, k, v and T_u's pair
+    descs = calls["out_descs"]
+    assert all(d.base is x for d, x in zip(descs, (q, k, v))) and descs[3].base.shape == (bsz, t_len, 8, 64)
+    assert "map" not in calls or calls["map_descs"] is descs
