@@ -144,6 +144,12 @@ def _recurrence_kernel(
     tma.async_copy_global_to_shared(t_desc, [row0, col_th], bar_t, th_all.index(0))
     tma.async_copy_global_to_shared(t_desc, [row0, col_tl], bar_t, tl_all.index(0))
 
+    s_hi, s_lo = _hi_lo(state)
+    sh_all.index(0).store(s_hi)
+    sl_all.index(0).store(s_lo)
+    fence_async_shared()
+    gl.thread_barrier()
+
     for c in range(n_chunks):
         t0 = t_start + c * C
         row = row0 + c * C
@@ -170,12 +176,7 @@ def _recurrence_kernel(
         last_hi = gl.load(c_row + (n - 1) * s_ct)
         last_lo = gl.load(c_row + (n - 1) * s_ct + 1)
 
-        # K S (and Q S) from the state's bf16 pair (k, q exact in bf16: two products each)
-        s_hi, s_lo = _hi_lo(state)
-        sh_smem.store(s_hi)
-        sl_smem.store(s_lo)
-        fence_async_shared()
-        gl.thread_barrier()
+        # K S (and Q S) from the state's bf16 pair (stored by the previous step or the prologue)
         mbarrier.wait(bar_k.index(buf), (c // 2) & 1)
         ks = warpgroup_mma(k_cur, sh_smem, zero, use_acc=False, is_async=True)
         ks = warpgroup_mma(k_cur, sl_smem, ks, is_async=True)
@@ -242,6 +243,7 @@ def _recurrence_kernel(
             state = warpgroup_mma(k_t, xh_smem, state * gl.exp(last_hi + last_lo), is_async=True)
             state = warpgroup_mma(k_t, xl_smem, state, is_async=True)
             state = warpgroup_mma_wait(num_outstanding=0, deps=(state,))
+            s_hi, s_lo = _hi_lo(state)
         else:
             # o = scale (e^G (Q S) + (Q K^T o L) U): the pair of A = Q K^T o L in registers
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
@@ -254,18 +256,24 @@ def _recurrence_kernel(
             a_lo = gl.convert_layout(a_lo, a_l)
             fence_async_shared()
             gl.thread_barrier()
+            # S <- e^{G_C} S + K^T U~ first, then o: the next state pair is formed while o runs
+            state = warpgroup_mma(k_t, xh_smem, state * gl.exp(last_hi + last_lo), is_async=True)
+            state = warpgroup_mma(k_t, xl_smem, state, is_async=True)
             o = warpgroup_mma(a_hi, uh_smem, qs * gl.exp(g_hi)[:, None], is_async=True)
             o = warpgroup_mma(a_lo, uh_smem, o, is_async=True)
             o = warpgroup_mma(a_hi, ul_smem, o, is_async=True)
-            # S <- e^{G_C} S + K^T U~
-            state = warpgroup_mma(k_t, xh_smem, state * gl.exp(last_hi + last_lo), is_async=True)
-            state = warpgroup_mma(k_t, xl_smem, state, is_async=True)
+            state = warpgroup_mma_wait(num_outstanding=3, deps=(state,))
+            s_hi, s_lo = _hi_lo(state)
             # (A's registers are operands until the products are done: kept alive through the wait)
-            o, state, a_hi, a_lo = warpgroup_mma_wait(num_outstanding=0, deps=(o, state, a_hi, a_lo))
+            o, a_hi, a_lo = warpgroup_mma_wait(num_outstanding=0, deps=(o, a_hi, a_lo))
             o_base = o_ptr + b * s_ob + t0 * s_ot + i_h * s_oh + c0
             gl.store(o_base + (rt * s_ot)[:, None] + ct[None, :], (o * scale).to(o_ptr.dtype.element_ty),
                      mask=(rt < n)[:, None])
-        gl.thread_barrier()  # the state pair's rows are read: the next step overwrites them
+        gl.thread_barrier()  # the state pair's rows are read: the next state's pair replaces them
+        sh_smem.store(s_hi)
+        sl_smem.store(s_lo)
+        fence_async_shared()
+        gl.thread_barrier()
 
     mbarrier.invalidate(bar_k.index(0))
     mbarrier.invalidate(bar_k.index(1))
