@@ -561,6 +561,10 @@ TUNING = {
     # Bitwise equal to the Triton passes; H100: output pass -32 to -35%, map pass -3 to -7%, calls
     # -15 to -24% (NOTES.md v4.7)
     "gluon_sm90": True,
+    # which Gluon passes form their hi + lo splits two elements at a time in inline PTX: "map",
+    # "both" or "none" (the same roundings; offline: map pass loop -11% instructions, no
+    # spill; output pass -7%, but its spill 72 -> 120-136 B). Not yet timed (NOTES.md, Next)
+    "gluon_packed_split": "map",
 }
 
 
@@ -798,7 +802,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
         map_m = torch.empty(plan["num_maps"], hv, dk, dk, dtype=torch.float32, device=device)
         if gluon:
             chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, plan["maps"], plan["num_maps"], hv, group,
-                                descs=gluon_descs)
+                                TUNING["gluon_packed_split"] in ("map", "both"), descs=gluon_descs)
         else:
             _recurrence_kernel[(plan["num_maps"], hv, nvb + nkb)](
                 *tiles, None, None, map_d, map_m, plan["maps"], *strides, scale, t_len,
@@ -812,7 +816,8 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
         state_in = starts
     if gluon:
         chunk_sm90.output_pass(q, k, v, gcum, tinv, o, state_in, final, plan["parts"], plan["num_parts"],
-                               partitioned, scale, hv, group, descs=gluon_descs)
+                               partitioned, scale, hv, group, TUNING["gluon_packed_split"] == "both",
+                               descs=gluon_descs)
         return o, final
     _recurrence_kernel[(plan["num_parts"], hv, nvb)](
         *tiles, state_in, final, None, None, plan["parts"], *strides, scale, t_len,

@@ -57,8 +57,9 @@ def test_output_pass_binds_its_arguments(monkeypatch):
     state_in = torch.empty(3, 4, 128, 128)
     final = torch.empty(2, 4, 128, 128)
     parts = torch.zeros(3, 6, dtype=torch.int32)
-    chunk_sm90.output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, 3, True, 0.125, 4, 2)
+    chunk_sm90.output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, 3, True, 0.125, 4, 2, False)
     ((grid, warps, a),) = rec.calls
+    assert a["PACKED_SPLIT"] is False
     assert grid == (3, 4, 128 // chunk_sm90.BLOCK_V) and warps == chunk_sm90.NUM_WARPS
     _check_tiles(a, q, k, v, tinv)
     assert a["gcum_ptr"] is gcum and a["o_ptr"] is o and a["part_ptr"] is parts
@@ -78,8 +79,9 @@ def test_map_pass_binds_its_arguments(monkeypatch):
     map_d = torch.empty(5, 4, 128, 64)
     map_m = torch.empty(5, 4, 128, 128)
     maps = torch.zeros(5, 6, dtype=torch.int32)
-    chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, 5, 4, 2)
+    chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, 5, 4, 2, True)
     ((grid, _, a),) = rec.calls
+    assert a["PACKED_SPLIT"] is True
     assert grid == (5, 4, 64 // chunk_sm90.BLOCK_V + 128 // chunk_sm90.BLOCK_V)  # D's column blocks, then M's
     _check_tiles(a, q, k, v, tinv)
     assert a["map_d_ptr"] is map_d and a["map_m_ptr"] is map_m and a["part_ptr"] is maps
@@ -95,14 +97,15 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, devic
     inverse's T_u pair and gate sums, the maps' buffers and the chain's starts."""
     calls = {}
 
-    def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps, hv, group, descs):
+    def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps, hv, group, packed_split, descs):
         calls["map_descs"] = descs
         calls["map"] = dict(gcum=gcum.shape, tinv=(tinv.shape, tinv.dtype), map_d=map_d.shape, map_m=map_m.shape,
                             maps=maps.shape, num_maps=num_maps, hv=hv, group=group)
         map_d.zero_()
         map_m.zero_()
 
-    def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts, partitioned, scale, hv, group, descs):
+    def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts, partitioned, scale, hv, group,
+                    packed_split, descs):
         calls["out_descs"] = descs
         calls["out"] = dict(state_in=None if state_in is None else state_in.shape, final=final.shape,
                             parts=parts.shape, num_parts=num_parts, partitioned=partitioned, scale=scale, hv=hv,
