@@ -56,8 +56,7 @@ VARIANTS = [
     {"warps_chain": 8},  # with the committed chain
     {"chain_in_registers": False, "block_v_chain": None},  # v4.4's chain
     {"gluon_sm90": False},  # 33: the Triton map and output passes (the Gluon ones off)
-    {"gluon_packed_split": "none"},  # 34: the Gluon passes' hi + lo splits as ptxas writes them
-    {"gluon_packed_split": "both"},  # 35: ... packed in both passes
+    {"gluon_packed_split": False},  # 34: the Gluon passes' hi + lo splits as ptxas writes them
 ]
 SHAPES = [("1x8K 16/16", [8192], 16, 16), ("1x32K 16/16", [32768], 16, 16), ("8x4K 16/32", [4096] * 8, 16, 32)]
 ERROR_KINDS = ["random", "near_identical_keys", "strong_decay", "large_initial_state"]

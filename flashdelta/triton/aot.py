@@ -103,9 +103,8 @@ def sm90_kernels(arch: int = 90):
                      "t_desc": tile(g.CHUNK_SIZE), "gcum_ptr": "*fp32", "o_ptr": "*bf16", "state_in_ptr": "*fp32",
                      "state_out_ptr": "*fp32", "map_d_ptr": "*fp32", "map_m_ptr": "*fp32", "part_ptr": "*i32",
                      "scale": "fp32"}
-        # the packed split where the default takes it (chunk.TUNING["gluon_packed_split"])
-        packed = tc.TUNING["gluon_packed_split"] in (("map", "both") if mode["MAP"] else ("both",))
-        constexprs = dict(HV=32, GROUP=2, K=128, V=128, PARTITIONED=True, PACKED_SPLIT=packed, **mode)
+        constexprs = dict(HV=32, GROUP=2, K=128, V=128, PARTITIONED=True,
+                          PACKED_SPLIT=tc.TUNING["gluon_packed_split"], **mode)
         signature.update({n: "constexpr" for n in constexprs})
         signature.update({n: "i32" for n in fn.arg_names if n not in signature})
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)

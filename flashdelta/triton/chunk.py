@@ -561,10 +561,9 @@ TUNING = {
     # Bitwise equal to the Triton passes; H100: output pass -32 to -35%, map pass -3 to -7%, calls
     # -15 to -24% (NOTES.md v4.7)
     "gluon_sm90": True,
-    # which Gluon passes form their hi + lo splits two elements at a time in inline PTX: "map",
-    # "both" or "none" (the same roundings; offline: map pass loop -11% instructions, no
-    # spill; output pass -7%, but its spill 72 -> 120-136 B). Not yet timed (NOTES.md, Next)
-    "gluon_packed_split": "map",
+    # the Gluon passes form their hi + lo splits two elements at a time in inline PTX (the same
+    # roundings, bitwise equal): H100 map pass -9%, output pass -13 to -18% (NOTES.md v4.8)
+    "gluon_packed_split": True,
 }
 
 
@@ -802,7 +801,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
         map_m = torch.empty(plan["num_maps"], hv, dk, dk, dtype=torch.float32, device=device)
         if gluon:
             chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, plan["maps"], plan["num_maps"], hv, group,
-                                TUNING["gluon_packed_split"] in ("map", "both"), descs=gluon_descs)
+                                TUNING["gluon_packed_split"], descs=gluon_descs)
         else:
             _recurrence_kernel[(plan["num_maps"], hv, nvb + nkb)](
                 *tiles, None, None, map_d, map_m, plan["maps"], *strides, scale, t_len,
@@ -816,7 +815,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
         state_in = starts
     if gluon:
         chunk_sm90.output_pass(q, k, v, gcum, tinv, o, state_in, final, plan["parts"], plan["num_parts"],
-                               partitioned, scale, hv, group, TUNING["gluon_packed_split"] == "both",
+                               partitioned, scale, hv, group, TUNING["gluon_packed_split"],
                                descs=gluon_descs)
         return o, final
     _recurrence_kernel[(plan["num_parts"], hv, nvb)](

@@ -51,4 +51,4 @@ def test_gluon_passes_fit_two_per_sm_without_hoisted_descriptors():
             assert r["registers"] <= 255, r
     if "stack" in rows["gluon map pass"]:
         assert rows["gluon map pass"]["stack"] == 0, rows
-        assert rows["gluon output pass"]["stack"] <= 128, rows
+        assert rows["gluon output pass"]["stack"] <= 64, rows  # 56 B since v4.8

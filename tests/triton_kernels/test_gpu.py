@@ -89,7 +89,8 @@ def _hopper():
 @pytest.mark.parametrize("kind", ["random", "near_identical_keys", "cyclic_keys", "strong_decay", "zero_decay",
                                   "beta_0_2", "large_initial_state", "varlen"])
 @pytest.mark.parametrize("seq_len, partition_chunks", [(130, None), (130, 1), (1000, 3)])
-def test_gluon_sm90_passes(kind, seq_len, partition_chunks, monkeypatch):
+@pytest.mark.parametrize("packed_split", [False, True])
+def test_gluon_sm90_passes(kind, seq_len, partition_chunks, packed_split, monkeypatch):
     """The Gluon map and output passes (TUNING["gluon_sm90"], on by default) run, give the same
     o and final state as the Triton passes (the same products in the same order: bitwise equal
     on the H100), stay within the exactness goal, and are deterministic. Outputs poisoned first."""
@@ -106,6 +107,8 @@ def test_gluon_sm90_passes(kind, seq_len, partition_chunks, monkeypatch):
     q, k, v, g, beta = case.args()
     kw = case.kwargs
     n_seqs = len(kw["cu_seqlens"]) - 1 if "cu_seqlens" in kw else q.shape[0]
+
+    monkeypatch.setitem(tc.TUNING, "gluon_packed_split", packed_split)
 
     def run(on):
         monkeypatch.setitem(tc.TUNING, "gluon_sm90", on)
