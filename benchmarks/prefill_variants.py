@@ -57,6 +57,8 @@ VARIANTS = [
     {"chain_in_registers": False, "block_v_chain": None},  # v4.4's chain
     {"gluon_sm90": False},  # 33: the Triton map and output passes (the Gluon ones off)
     {"gluon_packed_split": False},  # 34: the Gluon passes' hi + lo splits as ptxas writes them
+    {"lead_partition": False},  # 35: the plain plan at its own size (the model's choice otherwise)
+    {"lead_partition": True},  # 36: the lead plan at its own size where the model declines
 ]
 SHAPES = [("1x8K 16/16", [8192], 16, 16), ("1x32K 16/16", [32768], 16, 16), ("8x4K 16/32", [4096] * 8, 16, 32)]
 ERROR_KINDS = ["random", "near_identical_keys", "strong_decay", "large_initial_state"]
@@ -74,22 +76,32 @@ def bench(args, kw, pc=None):
 
 
 def breakdown(args, kw, pc=None, reps=10):
-    """Milliseconds per call of each kernel (torch profiler). The recurrence kernel runs
-    twice per call when the sequence is partitioned: first the map pass, then the output."""
+    """Milliseconds per call of each kernel (torch profiler), and "wall": the GPU time of a
+    call between events (the lead pass runs beside the map pass, so the kernels overlap). The
+    recurrence kernel runs twice per call when the sequence is partitioned (map pass, then
+    output), three times with the lead pass (lead, map, output)."""
     run(args, kw, pc)
     torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        run(args, kw, pc)
+    end.record()
+    torch.cuda.synchronize()
+    wall = start.elapsed_time(end) / reps
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             run(args, kw, pc)
         torch.cuda.synchronize()
     kernels = sorted((e for e in prof.events() if e.name.startswith("_") and e.device_time_total > 0),
                      key=lambda e: e.time_range.start)
-    return split_by_kernel([(e.name, e.device_time_total / 1e3) for e in kernels], reps)
+    return {**split_by_kernel([(e.name, e.device_time_total / 1e3) for e in kernels], reps), "wall": wall}
 
 
 def split_by_kernel(launches, reps):
     """[(kernel name, ms)] of `reps` identical calls, in launch order -> {name: ms per call};
-    a second recurrence launch in a call is the output pass (the first is the map pass)."""
+    the last recurrence launch in a call is the output pass, the one before it the map pass,
+    and a third (started first) the lead pass."""
     per_call = len(launches) // reps
     n_rec = sum("recurrence" in name for name, _ in launches[:per_call])
     out = {}
@@ -97,7 +109,7 @@ def split_by_kernel(launches, reps):
         name = name.strip("_").replace("_kernel", "")
         if name == "recurrence":
             before = sum("recurrence" in n for n, _ in launches[i - i % per_call:i])
-            name = "map pass" if n_rec == 2 and before == 0 else "output pass"
+            name = ["lead pass", "map pass", "output pass"][3 - n_rec + before]
         out[name] = out.get(name, 0.0) + ms / reps
     return out
 
@@ -133,8 +145,9 @@ def main():
             print(label(variant), flush=True)
             for name, (args, kw) in shapes:
                 parts = breakdown(args, kw)
+                wall = parts.pop("wall")
                 kernels = ", ".join(f"{k} {v:.3f}" for k, v in parts.items())
-                print(f"  {name:14} total {sum(parts.values()):.3f} ms: {kernels}", flush=True)
+                print(f"  {name:14} wall {wall:.3f} ms, kernels {sum(parts.values()):.3f}: {kernels}", flush=True)
         return
     inputs = {name: make_inputs(Shape("prefill", name, lens, h, hv, gate="strong"), "cuda")
               for name, lens, h, hv in SHAPES}

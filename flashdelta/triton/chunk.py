@@ -22,6 +22,7 @@ where the layout allows (Hopper; block pointers otherwise). Temporary memory: T_
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -446,8 +447,11 @@ def _chain_kernel(
     map_d_ptr, map_m_ptr, h0_ptr, starts_ptr, seq_ptr,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr,
     HAS_H0: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, IN_REGISTERS: tl.constexpr = False,
+    LEAD: tl.constexpr = False,
 ):
     """Starts of the partitions of one sequence: S_0 = h0, S_p = M_{p-1} S_{p-1} + D_{p-1}.
+    LEAD: a sequence of several partitions had its first one run by the lead pass, which wrote
+    S_1 (starts[first + 1]); the chain goes on from there, with maps from the second partition.
 
     The product contracts over K in slices of BKC rows of S_{p-1}, so the M tile in flight is
     [BK, BKC], not [BK, BK] (which is 256 KB at K = 256). IN_REGISTERS: the slices are cut
@@ -467,14 +471,21 @@ def _chain_kernel(
     cv = i_v * BV + tl.arange(0, BV)
     smask = (rk[:, None] < K) & (cv[None, :] < V)
     off = rk[:, None] * V + cv[None, :]
-    if HAS_H0:
+    if LEAD:
+        lead = (count > 1).to(tl.int32)
+    else:
+        lead = 0
+    if lead != 0:
+        state = tl.load(starts_ptr + ((first + 1) * HV + i_h) * K * V + off, mask=smask, other=0.0)
+    elif HAS_H0:
         state = tl.load(h0_ptr + (seq * HV + i_h) * K * V + off, mask=smask, other=0.0).to(tl.float32)
     else:
         state = tl.zeros((BK, BV), tl.float32)
-    tl.store(starts_ptr + (first * HV + i_h) * K * V + off, state, mask=smask)
-    j = 1
+    if lead == 0:
+        tl.store(starts_ptr + (first * HV + i_h) * K * V + off, state, mask=smask)
+    j = 1 + lead
     while j < count:  # a handful of partitions: a while loop is fine here (and in the interpreter)
-        m_row = first_map + j - 1
+        m_row = first_map + j - 1 - lead
         m_base = (m_row * HV + i_h) * K * K
         acc = tl.load(map_d_ptr + (m_row * HV + i_h) * K * V + off, mask=smask, other=0.0)
         if IN_REGISTERS:
@@ -564,7 +575,23 @@ TUNING = {
     # the Gluon passes form their hi + lo splits two elements at a time in inline PTX (the same
     # roundings, bitwise equal): H100 map pass -9%, output pass -13 to -18% (NOTES.md v4.8)
     "gluon_packed_split": True,
+    # each sequence's first partition run beside the map pass (`_plan`'s lead rows): None lets
+    # `predicted_cost` decide per call, True / False force it (NOTES.md v4.8)
+    "lead_partition": None,
 }
+
+
+_LEAD_STREAMS: dict = {}
+
+
+def _lead_stream(device: torch.device):
+    """A high-priority stream per CUDA device for the lead pass (None off CUDA: it runs in order)."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _LEAD_STREAMS:
+        _LEAD_STREAMS[index] = torch.cuda.Stream(device=index, priority=-1)
+    return _LEAD_STREAMS[index]
 
 
 def _block_v(dk: int, dv: int, block_v: int | None) -> int:
@@ -605,6 +632,52 @@ def auto_partition_chunks(chunk_counts: list[int], hv: int, nvb: int, device: to
     return max(MIN_PARTITION_CHUNKS, lo)
 
 
+def predicted_cost(chunk_counts: list[int], size: int, lead: bool, hv: int, nvb: int, nkb: int, slots: int) -> int:
+    """The map and output passes' time at `size` chunks per partition, in map-program chunk
+    steps. The model, from the H100 breakdowns (NOTES.md v4.8): a map program's chunk step
+    costs 1, an output program's 2 (two programs per SM either way), and a pass takes as many
+    rounds of its longest partition as its programs fill `slots`. Plain: maps, then outputs.
+    With the lead pass (`_plan`): the lead programs (each as long as two map rounds) beside the
+    maps, then the other outputs."""
+    rounds = lambda programs: -(-programs // slots)  # noqa: E731
+    parts = [-(-n // size) for n in chunk_counts]
+    maps = sum(parts) - len(parts)
+    leads = sum(c > 1 for c in parts) if lead else 0
+    outputs = sum(parts) - leads
+    first = rounds((maps - leads) * hv * (nvb + nkb) + 2 * leads * hv * nvb)
+    if leads:
+        first = max(2, first)
+    return min(size, max(chunk_counts)) * (first + 2 * rounds(outputs * hv * nvb))
+
+
+def auto_partitions(chunk_counts: list[int], hv: int, nvb: int, nkb: int, device: torch.device,
+                    programs_per_sm: int = 2, lead: bool | None = None) -> tuple[int, bool]:
+    """(chunks per partition, lead) for these sequences: `auto_partition_chunks`' size for the
+    plain plan, or, where `predicted_cost` says it is faster, the lead plan at the shortest size
+    whose output rows (all partitions but each sequence's first) fit in one wave (1x128K, 16
+    heads: 9 partitions, 8 of them in the output pass, against 8). Ties keep the plain plan.
+    `lead` True / False: that plan at its own size."""
+    size = auto_partition_chunks(chunk_counts, hv, nvb, device, programs_per_sm)
+    longest = max(chunk_counts + [1])
+    if device.type != "cuda" or size >= longest or lead is False:
+        return size, False
+    slots = programs_per_sm * sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    lo, hi = 1, longest
+    while lo < hi:  # the rows left count c - 1 per sequence of c > 1 partitions: falls as the size grows
+        mid = (lo + hi) // 2
+        if sum(max(1, -(-n // mid) - 1) for n in chunk_counts) * hv * nvb <= slots:
+            hi = mid
+        else:
+            lo = mid + 1
+    if len(chunk_counts) == 1:  # equal partitions
+        lo = -(-longest // -(-longest // lo))
+    lo = max(MIN_PARTITION_CHUNKS, lo)
+    if lead or predicted_cost(chunk_counts, lo, True, hv, nvb, nkb, slots) < predicted_cost(
+            chunk_counts, size, False, hv, nvb, nkb, slots):
+        return lo, True
+    return size, False
+
+
 # Shorter partitions than this lose more in the chain (~7 us per partition, sequential) and the
 # map pass's second wave than the output pass gains: H100, 16 heads, kernels: 1x4K 0.386 ms at
 # 32 chunks, 0.243 at 16, 0.254 at 8; 1x8K 0.455 at 32, 0.453 at 16, 0.552 at 8 (NOTES.md, v4.4)
@@ -612,31 +685,48 @@ MIN_PARTITION_CHUNKS = 16
 
 
 @functools.lru_cache(maxsize=128)
-def _plan(seqs: tuple, partition_chunks: int, device: torch.device):
-    """Tables for one sequence layout: chunks, partitions (output pass), maps and chains."""
-    chunks, parts, maps, chains = [], [], [], []
+def _plan(seqs: tuple, partition_chunks: int, device: torch.device, lead: bool = False):
+    """Tables for one sequence layout: chunks, partitions (output pass), maps and chains.
+
+    Partition rows (b, t_start, t_end, seq, slot, is_last): `slot` indexes the partitions'
+    start states (all partitions, `num_slots`). With `lead`, the first partition of each
+    sequence of several is not an output-pass row but a `lead` row, run beside the map pass
+    from the initial state: (b, t_start, t_end, slot of the second partition, seq, 1), so the
+    output kernel's state_in index (slot) is the sequence's and its end state lands where the
+    second partition starts; maps then cover the second partition to the last but one."""
+    chunks, parts, leads, maps, chains = [], [], [], [], []
     span = partition_chunks * CHUNK_SIZE
+    slots = 0
     for n, (b, start, end) in enumerate(seqs):
         for t0 in range(start, end, CHUNK_SIZE):
             chunks.append((b, t0, min(CHUNK_SIZE, end - t0)))
         bounds = list(range(start, end, span)) or [start]
-        first = len(parts)
+        first = slots
         first_map = len(maps)
+        led = lead and len(bounds) > 1
         for i, t0 in enumerate(bounds):
             t1 = min(t0 + span, end)
-            parts.append((b, t0, t1, n, len(parts), int(i == len(bounds) - 1)))
-            if i < len(bounds) - 1:
+            if led and i == 0:
+                leads.append((b, t0, t1, first + 1, n, 1))
+            else:
+                parts.append((b, t0, t1, n, slots, int(i == len(bounds) - 1)))
+            if i < len(bounds) - 1 and not (led and i == 0):
                 maps.append((b, t0, t1, n, len(maps), 0))
+            slots += 1
         chains.append((first, len(bounds), first_map, n))
     as_tensor = lambda rows, width: torch.tensor(rows, dtype=torch.int32).reshape(-1, width).to(device)  # noqa: E731
     return {
         "chunks": as_tensor(chunks, 3),
         "parts": as_tensor(parts, 6),
+        "leads": as_tensor(leads, 6),
         "maps": as_tensor(maps, 6),
         "chains": as_tensor(chains, 4),
         "num_chunks": len(chunks),
         "num_parts": len(parts),
+        "num_leads": len(leads),
         "num_maps": len(maps),
+        "num_slots": slots,
+        "partitioned": slots > len(seqs),
     }
 
 
@@ -744,21 +834,28 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     else:
         seqs = tuple((b, 0, t_len) for b in range(bsz))
     num_seqs = len(seqs)
-    nvb = cdiv(dv, _block_v(dk, dv, TUNING["block_v"]))
+    bv = _block_v(dk, dv, TUNING["block_v"])
+    nvb, nkb = cdiv(dv, bv), cdiv(dk, bv)
     chunk_counts = [cdiv(e - s, CHUNK_SIZE) for _, s, e in seqs]
     longest = max(chunk_counts + [1])
     sm90 = TUNING["gluon_sm90"] and chunk_sm90 is not None and chunk_sm90.may_run(q, v, use_qk_l2norm)
+    per_sm_rule = chunk_sm90.PROGRAMS_PER_SM if sm90 else 2
+    lead = TUNING["lead_partition"]  # None: the model decides; True / False forces (A/B checks, tests)
     if partition_chunks is None:
-        partition_chunks = auto_partition_chunks(chunk_counts, hv, nvb, device,
-                                                 chunk_sm90.PROGRAMS_PER_SM if sm90 else 2)
-    partition_chunks = max(1, min(int(partition_chunks), longest))
-    plan = _plan(seqs, partition_chunks, device)
+        partition_chunks, lead = auto_partitions(chunk_counts, hv, nvb, nkb, device, per_sm_rule, lead)
+    else:
+        partition_chunks = max(1, min(int(partition_chunks), longest))
+        if lead is None:  # the model at the caller's size (off CUDA: the plain plan)
+            slots = per_sm_rule * sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+                if device.type == "cuda" else 0
+            lead = slots > 0 and (predicted_cost(chunk_counts, partition_chunks, True, hv, nvb, nkb, slots)
+                                  < predicted_cost(chunk_counts, partition_chunks, False, hv, nvb, nkb, slots))
+    plan = _plan(seqs, partition_chunks, device, bool(lead))
     per_sm = 1.0
     if device.type == "cuda":
         per_sm = plan["num_parts"] * hv * nvb / sm_count(device.index if device.index is not None
                                                           else torch.cuda.current_device())
     cfg = launch_config(q.dtype, dk, dv, group, hv, use_qk_l2norm, per_sm)
-    nkb = cfg["nkb"]
 
     o = out if out is not None else torch.empty(bsz, t_len, hv, dv, dtype=q.dtype, device=device)
     final = None
@@ -780,7 +877,6 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
         k, g, beta, tinv, gcum, plan["chunks"], *k.stride(), *g.stride(), *beta.stride(), *tinv.stride()[:3],
         *gcum.stride()[:3], **cfg["inverse"],
     )
-    partitioned = plan["num_maps"] > 0
     strides = (*q.stride(), *k.stride(), *v.stride(), *gcum.stride()[:3], *tinv.stride()[:3], *o.stride()[:3])
     rec = dict(cfg["recurrence"])
     operands = ((q, dk, rec["BK"]), (k, dk, rec["BK"]), (v, dv, rec["BV"]), (tinv, CHUNK_SIZE, CHUNK_SIZE))
@@ -796,9 +892,29 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     else:
         tiles = (q, k, v, gcum, tinv, o)
     state_in = h0
+    partitioned = plan["partitioned"]
     if partitioned:
-        map_d = torch.empty(plan["num_maps"], hv, dk, dv, dtype=torch.float32, device=device)
-        map_m = torch.empty(plan["num_maps"], hv, dk, dk, dtype=torch.float32, device=device)
+        starts = torch.empty(plan["num_slots"], hv, dk, dv, dtype=torch.float32, device=device)
+        map_d = torch.empty(max(1, plan["num_maps"]), hv, dk, dv, dtype=torch.float32, device=device)
+        map_m = torch.empty(max(1, plan["num_maps"]), hv, dk, dk, dtype=torch.float32, device=device)
+        joined = None
+        if plan["num_leads"]:
+            # each sequence's first partition, from h0, beside the map pass: on a high-priority
+            # stream so that its programs are placed first (they are the longest of the two)
+            side = _lead_stream(device)
+            if side is not None:
+                side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                if gluon:
+                    chunk_sm90.output_pass(q, k, v, gcum, tinv, o, h0, starts, plan["leads"], plan["num_leads"], True,
+                                           scale, hv, group, TUNING["gluon_packed_split"], descs=gluon_descs)
+                else:
+                    _recurrence_kernel[(plan["num_leads"], hv, nvb)](
+                        *tiles, h0, starts, None, None, plan["leads"], *strides, scale, t_len,
+                        MAP=False, PARTITIONED=True, HAS_STATE_IN=h0 is not None, STORE_FINAL=True, **rec,
+                    )
+            joined = side
+    if partitioned and plan["num_maps"]:
         if gluon:
             chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, plan["maps"], plan["num_maps"], hv, group,
                                 TUNING["gluon_packed_split"], descs=gluon_descs)
@@ -808,9 +924,12 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
                 MAP=True, PARTITIONED=True, HAS_STATE_IN=False, STORE_FINAL=False,
                 **{**rec, **cfg["map_launch"]},
             )
-        starts = torch.empty(plan["num_parts"], hv, dk, dv, dtype=torch.float32, device=device)
+    if partitioned:
+        if joined is not None:
+            torch.cuda.current_stream(device).wait_stream(joined)
         _chain_kernel[(num_seqs, hv, cfg["nvb_chain"])](
-            map_d, map_m, h0, starts, plan["chains"], HAS_H0=h0 is not None, **cfg["chain"],
+            map_d, map_m, h0, starts, plan["chains"], HAS_H0=h0 is not None, LEAD=plan["num_leads"] > 0,
+            **cfg["chain"],
         )
         state_in = starts
     if gluon:

@@ -66,10 +66,15 @@ def test_short_and_edge_lengths(seq_len, seed, device):
     check(case, *run(case))
 
 
+@pytest.mark.parametrize("lead", [False, True])
 @pytest.mark.parametrize("partition_chunks", [1, 2])
 @pytest.mark.parametrize("kind", ["random", "large_initial_state", "strong_decay", "near_identical_keys"])
-def test_partitioned_is_exact(kind, partition_chunks, seed, device):
-    """P > 1 at T ~ 300: the affine state maps and the chain give the unpartitioned answer."""
+def test_partitioned_is_exact(kind, partition_chunks, lead, seed, device, monkeypatch):
+    """P > 1 at T ~ 300: the affine state maps and the chain give the unpartitioned answer,
+    with each sequence's first partition in the chain or in the lead pass."""
+    from flashdelta.triton import chunk as tc
+
+    monkeypatch.setitem(tc.TUNING, "lead_partition", lead)
     case = make_case(kind, torch.float32, device, seed=seed, seq_len=300)
     o, s = run(case, partition_chunks)
     check(case, o, s)
@@ -77,9 +82,15 @@ def test_partitioned_is_exact(kind, partition_chunks, seed, device):
     assert rel_l2(o, o1) <= 1e-5 and rel_l2(s, s1) <= 1e-5
 
 
+@pytest.mark.parametrize("lead", [False, True])
 @pytest.mark.parametrize("partition_chunks", [1, 2])
-def test_partitioned_varlen(partition_chunks, seed, device):
-    """Partitions never cross sequences; empty and 1-token sequences pass through."""
+def test_partitioned_varlen(partition_chunks, lead, seed, device, monkeypatch):
+    """Partitions never cross sequences; empty and 1-token sequences pass through (with the
+    lead pass: sequences of one partition stay in the output pass, the others' first
+    partitions go to the lead pass, two-partition ones need no map)."""
+    from flashdelta.triton import chunk as tc
+
+    monkeypatch.setitem(tc.TUNING, "lead_partition", lead)
     case = make_case("varlen", torch.float32, device, seed=seed, value_heads=4)
     check(case, *run(case, partition_chunks))
 
@@ -318,3 +329,57 @@ def test_auto_partitions_fill_one_wave(monkeypatch):
         assert n * hv * 2 <= 264 and (size == tc.MIN_PARTITION_CHUNKS or
                                       sum(-(-c // (size - 1)) for c in counts) * hv * 2 > 264)
     assert tc.auto_partition_chunks([2048], 16, 2, torch.device("cpu")) == 2048
+
+
+def test_lead_plan_where_the_model_predicts_it_faster(monkeypatch):
+    """The lead pass (each sequence's first partition beside the map pass) is chosen where the
+    map pass takes two rounds anyway: 1x128K and 1x32K at 16 or 32 value heads get one more
+    partition than the plain plan (its output rows still one wave); 1x4K, 1x8K (a tie) and
+    8x4K (no partitions) keep the plain plan; forcing either plan gives that plan's size."""
+    from flashdelta.triton import chunk as tc
+
+    monkeypatch.setattr(tc, "sm_count", lambda index: 132)
+    gpu = torch.device("cuda", 0)
+
+    def plan(counts, hv, lead=None):
+        size, led = tc.auto_partitions(counts, hv, 2, 2, gpu, 2, lead)
+        parts = [-(-n // size) for n in counts]
+        rows = sum(p - 1 if led and p > 1 else p for p in parts)
+        assert rows * hv * 2 <= 264 or max(parts) == 1
+        return size, led, parts
+
+    assert plan([2048], 16) == (228, True, [9])  # 1x128K: 8 output rows of 32 programs
+    assert plan([2048], 16, False) == (256, False, [8])
+    assert plan([512], 32) == (103, True, [5])  # 1x32K 16/32
+    assert plan([2048], 32) == (410, True, [5])  # 1x128K 32/32
+    assert plan([128], 16) == (16, False, [8])  # 1x8K: a tie
+    assert plan([128], 16, True) == (16, True, [8])
+    assert plan([64], 16) == (16, False, [4])  # 1x4K: one map round; the lead would be the longer
+    assert plan([64] * 8, 32)[1:] == (False, [1] * 8)  # 8x4K
+    size, led, parts = plan([1000, 24, 300], 16)  # varlen: one-partition sequences stay as they are
+    assert led and parts[1] == 1
+    # the model: with the lead, 1x128K costs 228 x (2 + 2) map steps against 256 x (2 + 2)
+    assert tc.predicted_cost([2048], 228, True, 16, 2, 2, 264) == 912
+    assert tc.predicted_cost([2048], 256, False, 16, 2, 2, 264) == 1024
+    assert tc.auto_partitions([2048], 16, 2, 2, torch.device("cpu")) == (2048, False)
+
+
+def test_lead_plan_tables():
+    """`_plan` with the lead: a sequence of several partitions has its first as a lead row that
+    reads h0 at its sequence (slot) and writes its end state at the second partition's start
+    (seq), no map for it, and output rows for the rest; one-partition sequences are untouched."""
+    from flashdelta.triton import chunk as tc
+
+    seqs = ((0, 0, 640), (0, 640, 700), (0, 700, 956))  # 10, 1 and 4 chunks
+    plain = tc._plan(seqs, 4, torch.device("cpu"), False)
+    led = tc._plan(seqs, 4, torch.device("cpu"), True)
+    assert plain["num_slots"] == led["num_slots"] == 3 + 1 + 1 and plain["num_leads"] == 0
+    assert led["leads"].tolist() == [[0, 0, 256, 1, 0, 1]]
+    assert led["parts"].tolist() == [[0, 256, 512, 0, 1, 0], [0, 512, 640, 0, 2, 1], [0, 640, 700, 1, 3, 1],
+                                     [0, 700, 956, 2, 4, 1]]
+    assert plain["parts"].tolist() == [[0, 0, 256, 0, 0, 0]] + led["parts"].tolist()
+    assert led["maps"].tolist() == [[0, 256, 512, 0, 0, 0]]  # the second of three partitions only
+    assert plain["maps"].tolist() == [[0, 0, 256, 0, 0, 0], [0, 256, 512, 0, 1, 0]]
+    assert led["chains"].tolist() == [[0, 3, 0, 0], [3, 1, 1, 1], [4, 1, 1, 2]]
+    assert plain["chains"].tolist() == [[0, 3, 0, 0], [3, 1, 2, 1], [4, 1, 2, 2]]
+    assert led["partitioned"] and not tc._plan(seqs, 10, torch.device("cpu"), True)["partitioned"]

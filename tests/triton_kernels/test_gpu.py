@@ -51,8 +51,13 @@ def test_adversarial_bf16_exactness(kind):
         assert err_s <= max(rel_l2(s_f, s_ref), 1e-6) * 1.05 or err_s <= 1e-5
 
 
+@pytest.mark.parametrize("lead", [None, False, True])
 @pytest.mark.parametrize("partition_chunks", [None, 4, 10**6])
-def test_bitwise_deterministic(partition_chunks):
+def test_bitwise_deterministic(partition_chunks, lead, monkeypatch):
+    """Three runs, bitwise equal; the lead pass runs on its own stream beside the map pass."""
+    from flashdelta.triton import chunk as tc
+
+    monkeypatch.setitem(tc.TUNING, "lead_partition", lead)
     shape = Shape("prefill", "t", [16384], 16, 16, gate="strong")
     args, kw = make_inputs(shape, "cuda", seed=3)
     runs = [chunk_gated_delta_rule_fwd(*args, 128**-0.5, None, True, partition_chunks=partition_chunks)
@@ -61,12 +66,31 @@ def test_bitwise_deterministic(partition_chunks):
         assert torch.equal(o, runs[0][0]) and torch.equal(s, runs[0][1])
 
 
-def test_partitioned_equals_single_partition_long():
-    shape = Shape("prefill", "t", [32768], 16, 16, gate="weak")
+@pytest.mark.parametrize("lead", [False, True])
+@pytest.mark.parametrize("value_heads, varlen", [(16, False), (32, True)])
+def test_partitioned_equals_single_partition_long(lead, value_heads, varlen, monkeypatch):
+    """Partitions (the chain, or the lead pass and the chain from its end state) give the
+    one-partition answer at 32K tokens, with an initial state; outputs poisoned first."""
+    from flashdelta.triton import chunk as tc
+
+    monkeypatch.setitem(tc.TUNING, "lead_partition", lead)
+    shape = Shape("prefill", "t", [20000, 12768] if varlen else [32768], 16, value_heads, gate="weak",
+                  varlen=varlen)
     args, kw = make_inputs(shape, "cuda", seed=5)
-    o1, s1 = chunk_gated_delta_rule_fwd(*args, 128**-0.5, None, True, partition_chunks=10**6)
-    o2, s2 = chunk_gated_delta_rule_fwd(*args, 128**-0.5, None, True, partition_chunks=8)
-    assert rel_l2(o2, o1) <= 2e-3 and rel_l2(s2, s1) <= 1e-4
+    cu = kw.get("cu_seqlens")
+    n = 2 if varlen else 1
+    h0 = torch.randn(n, value_heads, 128, 128, device="cuda")
+
+    def run(pc):
+        o = torch.full_like(args[2], float("nan"))
+        s = torch.full((n, value_heads, 128, 128), float("nan"), device="cuda")
+        return chunk_gated_delta_rule_fwd(*args, 128**-0.5, h0, True, cu, partition_chunks=pc, out=o,
+                                          final_state_out=s)
+
+    o1, s1 = run(10**6)
+    for pc in (8, None):
+        o2, s2 = run(pc)
+        assert rel_l2(o2, o1) <= 2e-3 and rel_l2(s2, s1) <= 1e-4, (pc, rel_l2(o2, o1), rel_l2(s2, s1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
