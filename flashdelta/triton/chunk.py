@@ -581,17 +581,17 @@ TUNING = {
 }
 
 
-_LEAD_STREAMS: dict = {}
+_SIDE_STREAMS: dict = {}
 
 
-def _lead_stream(device: torch.device):
-    """A high-priority stream per CUDA device for the lead pass (None off CUDA: it runs in order)."""
+def _side_stream(device: torch.device):
+    """The map pass's stream beside the lead pass, one per CUDA device (None off CUDA: in order)."""
     if device.type != "cuda":
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _LEAD_STREAMS:
-        _LEAD_STREAMS[index] = torch.cuda.Stream(device=index, priority=-1)
-    return _LEAD_STREAMS[index]
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
 
 
 def _block_v(dk: int, dv: int, block_v: int | None) -> int:
@@ -897,36 +897,33 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
         starts = torch.empty(plan["num_slots"], hv, dk, dv, dtype=torch.float32, device=device)
         map_d = torch.empty(max(1, plan["num_maps"]), hv, dk, dv, dtype=torch.float32, device=device)
         map_m = torch.empty(max(1, plan["num_maps"]), hv, dk, dk, dtype=torch.float32, device=device)
-        joined = None
+        # with lead rows, the map pass runs on a side stream beside the lead pass (each
+        # sequence's first partition from h0), which is queued first: its programs are the
+        # longest of the two and must be placed before the map pass's fill the GPU
+        side = _side_stream(device) if plan["num_leads"] and plan["num_maps"] else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(device))
         if plan["num_leads"]:
-            # each sequence's first partition, from h0, beside the map pass: on a high-priority
-            # stream so that its programs are placed first (they are the longest of the two)
-            side = _lead_stream(device)
-            if side is not None:
-                side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                if gluon:
-                    chunk_sm90.output_pass(q, k, v, gcum, tinv, o, h0, starts, plan["leads"], plan["num_leads"], True,
-                                           scale, hv, group, TUNING["gluon_packed_split"], descs=gluon_descs)
-                else:
-                    _recurrence_kernel[(plan["num_leads"], hv, nvb)](
-                        *tiles, h0, starts, None, None, plan["leads"], *strides, scale, t_len,
-                        MAP=False, PARTITIONED=True, HAS_STATE_IN=h0 is not None, STORE_FINAL=True, **rec,
-                    )
-            joined = side
-    if partitioned and plan["num_maps"]:
-        if gluon:
-            chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, plan["maps"], plan["num_maps"], hv, group,
-                                TUNING["gluon_packed_split"], descs=gluon_descs)
-        else:
-            _recurrence_kernel[(plan["num_maps"], hv, nvb + nkb)](
-                *tiles, None, None, map_d, map_m, plan["maps"], *strides, scale, t_len,
-                MAP=True, PARTITIONED=True, HAS_STATE_IN=False, STORE_FINAL=False,
-                **{**rec, **cfg["map_launch"]},
-            )
-    if partitioned:
-        if joined is not None:
-            torch.cuda.current_stream(device).wait_stream(joined)
+            if gluon:
+                chunk_sm90.output_pass(q, k, v, gcum, tinv, o, h0, starts, plan["leads"], plan["num_leads"], True,
+                                       scale, hv, group, TUNING["gluon_packed_split"], descs=gluon_descs)
+            else:
+                _recurrence_kernel[(plan["num_leads"], hv, nvb)](
+                    *tiles, h0, starts, None, None, plan["leads"], *strides, scale, t_len,
+                    MAP=False, PARTITIONED=True, HAS_STATE_IN=h0 is not None, STORE_FINAL=True, **rec,
+                )
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            if plan["num_maps"] and gluon:
+                chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, plan["maps"], plan["num_maps"], hv, group,
+                                    TUNING["gluon_packed_split"], descs=gluon_descs)
+            elif plan["num_maps"]:
+                _recurrence_kernel[(plan["num_maps"], hv, nvb + nkb)](
+                    *tiles, None, None, map_d, map_m, plan["maps"], *strides, scale, t_len,
+                    MAP=True, PARTITIONED=True, HAS_STATE_IN=False, STORE_FINAL=False,
+                    **{**rec, **cfg["map_launch"]},
+                )
+        if side is not None:
+            torch.cuda.current_stream(device).wait_stream(side)
         _chain_kernel[(num_seqs, hv, cfg["nvb_chain"])](
             map_d, map_m, h0, starts, plan["chains"], HAS_H0=h0 is not None, LEAD=plan["num_leads"] > 0,
             **cfg["chain"],
