@@ -4,8 +4,8 @@
     compute-sanitizer --tool racecheck python benchmarks/sanitize_kernels.py
     (options: --dim 256, --tuning block_v=32,stages=1)
 
-Covers the inverse, map, chain and output passes of the prefill (partitioned varlen, with
-an initial state and a ragged last chunk; a dense batch of two sequences in one partition
+Covers the inverse, map, chain, output and lead passes of the prefill (partitioned varlen, with
+an initial state and a ragged last chunk, with and without the lead pass; a dense batch of two sequences in one partition
 each), the token loop, and the decode kernel on a pool
 with a negative index. Exits non-zero if an output is not finite.
 """
@@ -40,6 +40,10 @@ def main():
     beta = torch.rand(1, total, hv, device=dev)
     h0 = torch.randn(len(lens), hv, d, d, device=dev)
     o, s = chunk_gated_delta_rule_fwd(q, k, v, g, beta, d**-0.5, h0, True, cu, False, partition_chunks=1)
+    lead = tc.TUNING["lead_partition"]
+    tc.TUNING["lead_partition"] = True  # the same with the lead pass beside the map pass (two streams)
+    ol, sl = chunk_gated_delta_rule_fwd(q, k, v, g, beta, d**-0.5, h0, True, cu, False, partition_chunks=1)
+    tc.TUNING["lead_partition"] = lead
     o2, s2 = fd.fused_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
                                                  cu_seqlens=cu, backend="triton")
     qd, kd = (torch.randn(2, 200, h, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
@@ -59,10 +63,10 @@ def main():
     o3 = fd.fused_sigmoid_gating_delta_rule_update(*args, use_qk_l2norm_in_kernel=True, backend="triton")
     if dev == "cuda":
         torch.cuda.synchronize()
-    ok = all(torch.isfinite(x).all() for x in (o, s, o2, s2, od, sd, od2, sd2, o3, pool))
+    ok = all(torch.isfinite(x).all() for x in (o, s, ol, sl, o2, s2, od, sd, od2, sd2, o3, pool))
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
     print("outputs finite:", ok, "| prefill vs token loop rel diff: varlen", rel(o, o2), "dense", rel(od, od2),
-          "states", rel(s, s2), rel(sd, sd2))
+          "states", rel(s, s2), rel(sd, sd2), "| lead vs plain", rel(ol, o), rel(sl, s))
     raise SystemExit(0 if ok else 1)
 
 
