@@ -820,8 +820,10 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     """Validated inputs in the public layout. Returns (o [B, T, HV, V], final state or None).
 
     `seq_offsets`: cu_seqlens already read on the host (validation's copy), else read here.
-    `partition_chunks`: chunks per sequence partition (None: `auto_partition_chunks`; a
-    value >= the longest sequence's chunk count means one partition per sequence).
+    `partition_chunks`: chunks per sequence partition (None: `auto_partitions`; a value >= the
+    longest sequence's chunk count means one partition per sequence). Whether each long
+    sequence's first partition runs in the lead pass, beside the map pass: TUNING
+    "lead_partition" (None: `predicted_cost` decides).
     `out`, `final_state_out`: optional preallocated outputs (the tests poison them).
     """
     bsz, t_len, _, dk = q.shape
