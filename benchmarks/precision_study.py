@@ -4,7 +4,8 @@
 
 Runs the Triton kernel's chunk recurrence in fp64 with each product's operands rounded as
 the GPU would (bf16 inputs; fp32 intermediates; "split": fp32 operands as bf16 hi + lo,
-lo x lo dropped; "bf16": one product of bf16-rounded operands) and prints the relative
+lo x lo dropped; "bf16": one product of bf16-rounded operands; "a_hi" / "b_hi": the split
+with one operand rounded, two products) and prints the relative
 L2 error of o and of the final state against the fp64 token loop, for the all-split
 kernel and for each product given one bf16 product. Products (per chunk and head):
 P1 K S, P23 T_u (V - e^G K S), P5 Q S, P6 (Q K^T o L) U, P7 K^T (e^{G_C - G} U).
@@ -33,8 +34,8 @@ def product(a, b, a_fp32: bool, b_fp32: bool, mode: str):
     if mode == "bf16":
         return f32(bf(a) @ bf(b))
     a_hi, b_hi = bf(a), bf(b)
-    a_lo = bf(f32(a) - a_hi) if a_fp32 else torch.zeros_like(a_hi)
-    b_lo = bf(f32(b) - b_hi) if b_fp32 else torch.zeros_like(b_hi)
+    a_lo = bf(f32(a) - a_hi) if a_fp32 and mode != "a_hi" else torch.zeros_like(a_hi)
+    b_lo = bf(f32(b) - b_hi) if b_fp32 and mode != "b_hi" else torch.zeros_like(b_hi)
     return f32(a_hi @ b_hi + a_lo @ b_hi + a_hi @ b_lo)
 
 
@@ -83,10 +84,15 @@ def main():
     variants = {"all split": dict.fromkeys(PRODUCTS, "split")}
     for p in PRODUCTS:
         variants[f"{p} bf16"] = {**dict.fromkeys(PRODUCTS, "split"), p: "bf16"}
+    for p in ("P23", "P6"):  # both operands fp32: drop one cross product
+        for m in ("a_hi", "b_hi"):
+            variants[f"{p} {m}"] = {**dict.fromkeys(PRODUCTS, "split"), p: m}
+    variants["P5 bf16 P6 a_hi"] = {**dict.fromkeys(PRODUCTS, "split"), "P5": "bf16", "P6": "a_hi"}
+    variants["P5 bf16 P6 b_hi"] = {**dict.fromkeys(PRODUCTS, "split"), "P5": "bf16", "P6": "b_hi"}
     print("relative L2 error, o / state, against the fp64 token loop")
-    print(f"{'variant':12}" + "".join(f"{kd[:19]:>22}" for kd in kinds))
+    print(f"{'variant':16}" + "".join(f"{kd[:19]:>22}" for kd in kinds))
     for name, modes in variants.items():
-        row = f"{name:12}"
+        row = f"{name:16}"
         for kd in kinds:
             o, s = run(cases[kd], modes)
             row += f"{rel_l2(o, refs[kd][0]):>11.1e}{rel_l2(s, refs[kd][1]):>11.1e}"

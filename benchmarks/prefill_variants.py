@@ -59,9 +59,10 @@ VARIANTS = [
     {"gluon_packed_split": False},  # 34: the Gluon passes' hi + lo splits as ptxas writes them
     {"lead_partition": False},  # 35: the plain plan at its own size (the model's choice otherwise)
     {"lead_partition": True},  # 36: the lead plan at its own size where the model declines
+    {"gluon_split_qs": False},  # 37: Q S from the state's hi alone (one product less per output step)
 ]
 SHAPES = [("1x8K 16/16", [8192], 16, 16), ("1x32K 16/16", [32768], 16, 16), ("8x4K 16/32", [4096] * 8, 16, 32)]
-ERROR_KINDS = ["random", "near_identical_keys", "strong_decay", "large_initial_state"]
+ERROR_KINDS = ["random", "near_identical_keys", "strong_decay", "zero_decay", "large_initial_state"]
 
 
 def run(args, kw, pc=None):

@@ -104,7 +104,7 @@ def sm90_kernels(arch: int = 90):
                      "state_out_ptr": "*fp32", "map_d_ptr": "*fp32", "map_m_ptr": "*fp32", "part_ptr": "*i32",
                      "scale": "fp32"}
         constexprs = dict(HV=32, GROUP=2, K=128, V=128, PARTITIONED=True,
-                          PACKED_SPLIT=tc.TUNING["gluon_packed_split"], **mode)
+                          PACKED_SPLIT=tc.TUNING["gluon_packed_split"], SPLIT_QS=tc.TUNING["gluon_split_qs"], **mode)
         signature.update({n: "constexpr" for n in constexprs})
         signature.update({n: "i32" for n in fn.arg_names if n not in signature})
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)

@@ -6,7 +6,7 @@ Three kernels, plus one for long sequences with few heads:
    A_ij = beta_i exp(G_i - G_j) k_i.k_j (j < i), by blocked substitution with doubling
    block sizes on 64 x 64 tiles (tensor cores, fp32-accurate products). Writes
    T_u = T diag(beta) [B, T, HV, 64] (fp32, or a bf16 hi + lo pair for bf16 inputs) and
-   the in-chunk prefix sums G of g as fp32 hi + lo [B, T, HV, 2].
+   the in-chunk prefix sums G of g, in log2 units (G log2 e), as fp32 hi + lo [B, T, HV, 2].
 2. `_recurrence_kernel`, parallel over (partition, value head, column block), sequential
    over the chunks of its partition: U = T_u (V - e^G (K S)),
    o = scale (e^G Q S + (Q K^T o L) U), S <- e^{G_C} S + K^T (e^{G_C - G} U).
@@ -34,11 +34,12 @@ try:  # Gluon (Triton's explicit layer, Hopper): the output pass where it covers
     from . import chunk_sm90
 except ImportError:  # a Triton without Gluon
     chunk_sm90 = None
-from .common import (PRECISIONS, cdiv, dot_dtype, hi_lo, interpreting, mm, mm_split_ab, mm_split_b, next_power_of_2,
-                     sm_count)
+from .common import (PRECISIONS, cdiv, dot_dtype, hi_lo, interpreting, mm, mm_split_ab, mm_split_b,
+                     next_power_of_2, sm_count)
 
 CHUNK_SIZE = 64
 CHUNK = tl.constexpr(CHUNK_SIZE)  # the kernels' view of it
+LOG2E = tl.constexpr(1.4426950408889634)  # the gates' prefix sums are stored as G log2 e
 
 
 @triton.jit
@@ -113,7 +114,7 @@ def _diagonal_block_inverse(k, G, beta, DOT: tl.constexpr, K_EXACT: tl.constexpr
     r = tl.arange(0, 16)[None, :, None]
     c = tl.arange(0, 16)[None, None, :]
     diff = (gb[:, :, None] - gb[:, None, :]).to(tl.float32)
-    a = gram * tl.exp(tl.where(r > c, diff, float("-inf"))) * bb[:, :, None]
+    a = gram * tl.exp2(tl.where(r > c, diff, float("-inf"))) * bb[:, :, None]
     t = (r == c).to(tl.float32) - tl.where((r % 2 == 1) & (c == r - 1), a, 0.0)
     for level in tl.static_range(1, 4):
         size = 1 << level  # 2, 4, 8
@@ -220,7 +221,9 @@ def _inverse_kernel(
     k = _load_rows(k_ptr, b * s_kb + t0 * s_kt + i_hk * s_kh, rt, n, s_kt, tl.arange(0, BK), K, s_kd, L2NORM)
     g = tl.load(g_ptr + b * s_gb + (t0 + rt) * s_gt + i_h * s_gh, mask=rt < n, other=0.0).to(tl.float64)
     beta = tl.load(beta_ptr + b * s_bb + (t0 + rt) * s_bt + i_h * s_bh, mask=rt < n, other=0.0).to(tl.float32)
-    G = tl.cumsum(g, 0)  # fp64: differences of large sums stay exact (strong decay)
+    # fp64: differences of large sums stay exact (strong decay); in log2 units (G log2 e), so
+    # every gate is one exp2 of a difference
+    G = tl.cumsum(g, 0) * tl.full([], LOG2E, tl.float64)
     _store_hi_lo(gcum_ptr + b * s_cb + (t0 + rt) * s_ct + i_h * s_ch, G, rt < n)
     if T_SPLIT:
         base = b * s_tb + t0 * s_tt + 2 * i_h * s_th
@@ -228,7 +231,7 @@ def _inverse_kernel(
         base = b * s_tb + t0 * s_tt + i_h * s_th
     row = rt[:, None]
     col = rt[None, :]
-    a = _gram(k, tl.trans(k), DOT, K_EXACT) * tl.exp(
+    a = _gram(k, tl.trans(k), DOT, K_EXACT) * tl.exp2(
         tl.where(row > col, (G[:, None] - G[None, :]).to(tl.float32), float("-inf"))) * beta[:, None]
     if BLOCK_MERGE:
         _merged_block_inverse(a, k, G, beta, t_ptr, base, n, s_tt, s_th, DOT, K_EXACT, T_SPLIT)
@@ -293,7 +296,7 @@ def _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end
     g_lo = tl.load(c_row + rt * s_ct + 1, mask=rt < n, other=0.0)
     last_hi = tl.load(c_row + (n_rows - 1) * s_ct)
     last_lo = tl.load(c_row + (n_rows - 1) * s_ct + 1)
-    gate_exp = tl.exp(g_hi)
+    gate_exp = tl.exp2(g_hi)
     if DOT == tl.float32:
         s_hi, s_lo = state, state  # unused: fp32 products take the state as it is
     else:
@@ -322,7 +325,7 @@ def _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end
                             CHUNK, BK, L2NORM, TMA)
         # G_i - G_j from the hi + lo parts: the hi difference is exact where it cancels (Sterbenz)
         diff = (g_hi[:, None] - g_hi[None, :]) + (g_lo[:, None] - g_lo[None, :])
-        a_qk = _gram(q, tl.trans(k), DOT, K_EXACT) * tl.exp(tl.where(causal, diff, float("-inf")))
+        a_qk = _gram(q, tl.trans(k), DOT, K_EXACT) * tl.exp2(tl.where(causal, diff, float("-inf")))
         if EARLY_QS:
             o = qs
         else:
@@ -334,9 +337,9 @@ def _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end
         o_p = tl.make_block_ptr(o_ptr + b * s_ob + t0 * s_ot + i_h * s_oh, (n_rows, V), (s_ot, 1), (0, c0),
                                 (CHUNK, BV), (1, 0))
         tl.store(o_p, (o * scale).to(o_ptr.dtype.element_ty), boundary_check=(0, 1))
-    u_tilde = u * tl.exp((last_hi - g_hi) + (last_lo - g_lo))[:, None]  # exp(G_C - G_j) <= 1
+    u_tilde = u * tl.exp2((last_hi - g_hi) + (last_lo - g_lo))[:, None]  # exp(G_C - G_j) <= 1
     if FUSED_ACC:  # the update accumulates onto the decayed state: one [K, BV] tile live, not two
-        decayed = state * tl.exp(last_hi + last_lo)
+        decayed = state * tl.exp2(last_hi + last_lo)
         if K_EXACT:
             return mm_split_b(tl.trans(k.to(DOT)), u_tilde, DOT, PREC, decayed)
         else:
@@ -345,7 +348,7 @@ def _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end
         upd = mm_split_b(tl.trans(k.to(DOT)), u_tilde, DOT, PREC)
     else:
         upd = mm_split_ab(tl.trans(k), u_tilde, DOT, PREC)
-    return state * tl.exp(last_hi + last_lo) + upd
+    return state * tl.exp2(last_hi + last_lo) + upd
 
 
 @triton.jit
@@ -575,6 +578,9 @@ TUNING = {
     # the Gluon passes form their hi + lo splits two elements at a time in inline PTX (the same
     # roundings, bitwise equal): H100 map pass -9%, output pass -13 to -18% (NOTES.md v4.8)
     "gluon_packed_split": True,
+    # Q S in the Gluon output pass as the split product (True) or from the state's hi alone:
+    # one product less per step, o error up to ~2.3e-3 instead of the 1.7e-3 floor (NOTES.md v4.9)
+    "gluon_split_qs": True,
     # each sequence's first partition run beside the map pass (`_plan`'s lead rows): None lets
     # `predicted_cost` decide per call, True / False force it (NOTES.md v4.8)
     "lead_partition": None,
@@ -908,7 +914,8 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
         if plan["num_leads"]:
             if gluon:
                 chunk_sm90.output_pass(q, k, v, gcum, tinv, o, h0, starts, plan["leads"], plan["num_leads"], True,
-                                       scale, hv, group, TUNING["gluon_packed_split"], descs=gluon_descs)
+                                       scale, hv, group, TUNING["gluon_packed_split"], descs=gluon_descs,
+                                       split_qs=TUNING["gluon_split_qs"])
             else:
                 _recurrence_kernel[(plan["num_leads"], hv, nvb)](
                     *tiles, h0, starts, None, None, plan["leads"], *strides, scale, t_len,
@@ -934,7 +941,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     if gluon:
         chunk_sm90.output_pass(q, k, v, gcum, tinv, o, state_in, final, plan["parts"], plan["num_parts"],
                                partitioned, scale, hv, group, TUNING["gluon_packed_split"],
-                               descs=gluon_descs)
+                               descs=gluon_descs, split_qs=TUNING["gluon_split_qs"])
         return o, final
     _recurrence_kernel[(plan["num_parts"], hv, nvb)](
         *tiles, state_in, final, None, None, plan["parts"], *strides, scale, t_len,

@@ -21,7 +21,7 @@ operands), K = 128, V a multiple of 64, T_u as a bf16 hi + lo pair, TMA-readable
 Gluon kernels do not run in the interpreter: CI compiles them for sm_90 (tests check their
 resources); their numbers are tested on the GPU against the Triton kernel and the fp64 oracle.
 
-Per chunk step, for the state column block S [K, BV] (fp32, registers):
+Per chunk step, for the state column block S [K, BV] (fp32, registers; G read in log2 units):
   U = T_u (V - e^G (K S)),  o = scale (e^G (Q S) + (Q K^T o L) U),
   S <- e^{G_C} S + K^T (e^{G_C - G} U),
 every product with an fp32 operand as bf16 hi + lo products (as the Triton kernel). The map
@@ -40,6 +40,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .common import HI_LO_BF16X2
+
 CHUNK_SIZE = 64
 BLOCK_V = 64
 NUM_WARPS = 4  # one warpgroup: [64, 64] wgmma tiles, two programs per SM
@@ -48,21 +50,12 @@ NUM_WARPS = 4  # one warpgroup: [64, 64] wgmma tiles, two programs per SM
 @gluon.jit
 def _hi_lo(x, PACKED: gl.constexpr = True):
     """fp32 x as a bf16 pair hi + lo (~16 bits together): hi = bf16(x), lo = bf16(x - hi).
-    PACKED: two elements at a time in inline PTX (one packed conversion each, hi back to fp32
-    by a shift or a mask): the same roundings in 3 instructions per element, where ptxas
-    takes ~4 for the plain form (it converts each element of hi alone)."""
+    PACKED: two elements at a time in inline PTX (common.HI_LO_BF16X2): the same roundings in
+    3 instructions per element, where ptxas takes ~4 for the plain form. (The gates are
+    exp2 of log2-unit sums: gl.exp2 is one ex2.approx.ftz, gl.exp three more instructions.)"""
     if PACKED:
-        hi, lo = gl.inline_asm_elementwise(
-            """{
-            .reg .b32 e0, e1, r0, r1;
-            cvt.rn.bf16x2.f32 $0, $3, $2;
-            shl.b32 e0, $0, 16;
-            and.b32 e1, $0, 0xffff0000;
-            sub.f32 r0, $2, e0;
-            sub.f32 r1, $3, e1;
-            cvt.rn.bf16x2.f32 $1, r1, r0;
-            }""",
-            "=r,=r,r,r", [x], dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=2)
+        hi, lo = gl.inline_asm_elementwise(HI_LO_BF16X2, "=r,=r,r,r", [x], dtype=(gl.bfloat16, gl.bfloat16),
+                                           is_pure=True, pack=2)
     else:
         hi = x.to(gl.bfloat16)
         lo = (x - hi.to(gl.float32)).to(gl.bfloat16)
@@ -81,7 +74,7 @@ def _recurrence_kernel(
     s_cb, s_ct, s_ch, s_ob, s_ot, s_oh, scale, t_total,
     HV: gl.constexpr, GROUP: gl.constexpr, K: gl.constexpr, V: gl.constexpr, MAP: gl.constexpr,
     HAS_STATE_IN: gl.constexpr, PARTITIONED: gl.constexpr, STORE_FINAL: gl.constexpr,
-    PACKED_SPLIT: gl.constexpr = True,
+    PACKED_SPLIT: gl.constexpr = True, SPLIT_QS: gl.constexpr = True,
 ):
     """Grid (partitions, HV, V / 64), or (maps, HV, V / 64 + K / 64) when MAP (column blocks
     past V / 64 are M's). q/k/v_desc: [B * T, heads * dim] views, tiles [64, K], [64, K],
@@ -207,15 +200,18 @@ def _recurrence_kernel(
             q_smem = q_all.index(z)
             mbarrier.wait(bar_q, c & 1)
             qs = warpgroup_mma(q_smem, sh_smem, zero, use_acc=False, is_async=True)
-            qs = warpgroup_mma(q_smem, sl_smem, qs, is_async=True)
-            ks = warpgroup_mma_wait(num_outstanding=2, deps=(ks,))  # Q S runs on during X
+            if SPLIT_QS:  # (off: Q S from the state's hi alone, o within 2.4e-3: NOTES.md v4.9)
+                qs = warpgroup_mma(q_smem, sl_smem, qs, is_async=True)
+                ks = warpgroup_mma_wait(num_outstanding=2, deps=(ks,))  # Q S runs on during X
+            else:  # (one product of Q S in flight: waiting for two would read K S unfinished)
+                ks = warpgroup_mma_wait(num_outstanding=1, deps=(ks,))
 
         # X = V - e^G (K S) (V = 0 in M's columns), its pair into the state pair's first rows
         mbarrier.wait(bar_v, c & 1, pred=has_v)
         v = v_smem.load(acc_l).to(gl.float32)
         if MAP:  # M's programs never fill v's buffer: a select, so its contents are not used
             v = gl.where(is_m, 0.0, v)
-        x = v - gl.exp(g_hi)[:, None] * ks
+        x = v - gl.exp2(g_hi)[:, None] * ks
         x_hi, x_lo = _hi_lo(x, PACKED_SPLIT)
         if not MAP:
             qs = warpgroup_mma_wait(num_outstanding=0, deps=(qs,))
@@ -252,7 +248,7 @@ def _recurrence_kernel(
             uh_smem.store(u_hi)
             ul_smem.store(u_lo)
         # U~ = e^{G_C - G} U's pair over X's
-        u_t = u * gl.exp((last_hi - g_hi) + (last_lo - g_lo))[:, None]
+        u_t = u * gl.exp2((last_hi - g_hi) + (last_lo - g_lo))[:, None]
         ut_hi, ut_lo = _hi_lo(u_t, PACKED_SPLIT)
         xh_smem.store(ut_hi)
         xl_smem.store(ut_lo)
@@ -261,7 +257,7 @@ def _recurrence_kernel(
         if MAP:  # S <- e^{G_C} S + K^T U~
             fence_async_shared()
             gl.thread_barrier()
-            state = warpgroup_mma(k_t, xh_smem, state * gl.exp(last_hi + last_lo), is_async=True)
+            state = warpgroup_mma(k_t, xh_smem, state * gl.exp2(last_hi + last_lo), is_async=True)
             state = warpgroup_mma(k_t, xl_smem, state, is_async=True)
             state = warpgroup_mma_wait(num_outstanding=0, deps=(state,))
             s_hi, s_lo = _hi_lo(state, PACKED_SPLIT)
@@ -271,16 +267,16 @@ def _recurrence_kernel(
             gl.thread_barrier()  # q is read: fetch the next chunk's
             _issue(q_desc, row + C, col_k, bar_q, q_smem, more)
             diff = (g_hi[:, None] - g_hi_c[None, :]) + (g_lo[:, None] - g_lo_c[None, :])
-            a = qk * gl.exp(gl.where(rt[:, None] >= ct[None, :], diff, float("-inf")))
+            a = qk * gl.exp2(gl.where(rt[:, None] >= ct[None, :], diff, float("-inf")))
             a_hi, a_lo = _hi_lo(a, PACKED_SPLIT)
             a_hi = gl.convert_layout(a_hi, a_l)
             a_lo = gl.convert_layout(a_lo, a_l)
             fence_async_shared()
             gl.thread_barrier()
             # S <- e^{G_C} S + K^T U~ first, then o: the next state pair is formed while o runs
-            state = warpgroup_mma(k_t, xh_smem, state * gl.exp(last_hi + last_lo), is_async=True)
+            state = warpgroup_mma(k_t, xh_smem, state * gl.exp2(last_hi + last_lo), is_async=True)
             state = warpgroup_mma(k_t, xl_smem, state, is_async=True)
-            o = warpgroup_mma(a_hi, uh_smem, qs * gl.exp(g_hi)[:, None], is_async=True)
+            o = warpgroup_mma(a_hi, uh_smem, qs * gl.exp2(g_hi)[:, None], is_async=True)
             o = warpgroup_mma(a_lo, uh_smem, o, is_async=True)
             o = warpgroup_mma(a_hi, ul_smem, o, is_async=True)
             state = warpgroup_mma_wait(num_outstanding=3, deps=(state,))
@@ -365,7 +361,7 @@ def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps: int, hv: int, gr
 
 
 def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts: int, partitioned: bool, scale: float,
-                hv: int, group: int, packed_split: bool = True, descs=None):
+                hv: int, group: int, packed_split: bool = True, descs=None, split_qs: bool = True):
     """Launch over `num_parts` partitions (rows of `parts`); o and final are written. `descs`:
     `descriptors(q, k, v, tinv)` when the caller has them."""
     dk, dv = q.shape[3], v.shape[3]
@@ -373,5 +369,5 @@ def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts: int, 
         *(descs or descriptors(q, k, v, tinv)), gcum, o, state_in, final, None, None, parts, *gcum.stride()[:3],
         *o.stride()[:3], scale, q.shape[1],
         HV=hv, GROUP=group, K=dk, V=dv, MAP=False, HAS_STATE_IN=state_in is not None, PARTITIONED=partitioned,
-        STORE_FINAL=final is not None, PACKED_SPLIT=packed_split, num_warps=NUM_WARPS,
+        STORE_FINAL=final is not None, PACKED_SPLIT=packed_split, SPLIT_QS=split_qs, num_warps=NUM_WARPS,
     )

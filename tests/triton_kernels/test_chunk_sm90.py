@@ -105,8 +105,9 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, devic
         map_m.zero_()
 
     def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts, partitioned, scale, hv, group,
-                    packed_split, descs):
+                    packed_split, descs, split_qs):
         calls["out_descs"] = descs
+        calls["split_qs"] = split_qs
         calls["out"] = dict(state_in=None if state_in is None else state_in.shape, final=final.shape,
                             parts=parts.shape, num_parts=num_parts, partitioned=partitioned, scale=scale, hv=hv,
                             group=group, o=o.shape)
@@ -133,6 +134,7 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, devic
         assert calls["out"]["num_parts"] == bsz
     assert calls["out"]["final"] == (bsz, 4, 128, 128) and calls["out"]["o"] == tuple(v.shape)
     assert calls["out"]["scale"] == 0.125 and (calls["out"]["hv"], calls["out"]["group"]) == (4, 2)
+    assert calls["split_qs"] is tc.TUNING["gluon_split_qs"]
     # one set of tile descriptors per call, shared by both passes: q, k, v and T_u's pair
     descs = calls["out_descs"]
     assert all(d.base is x for d, x in zip(descs, (q, k, v))) and descs[3].base.shape == (bsz, t_len, 8, 64)

@@ -33,7 +33,7 @@ def test_gluon_passes_fit_two_per_sm_without_hoisted_descriptors():
     memory for two blocks, and at most 255 registers for 4 warps. Their loop takes every shared
     operand through an opaque index so the wgmma descriptors are rebuilt where used: held as
     loop invariants they spilled 376 B per thread and cost 30% (NOTES.md v4.7), which is what
-    the stack bound catches."""
+    the stack bound catches (a few loop invariants spill by design: 80 B, timed in NOTES.md v4.9)."""
     from flashdelta.triton import chunk_sm90
 
     assert chunk_sm90.PROGRAMS_PER_SM == 2 and chunk_sm90.NUM_WARPS == 4
@@ -51,4 +51,5 @@ def test_gluon_passes_fit_two_per_sm_without_hoisted_descriptors():
             assert r["registers"] <= 255, r
     if "stack" in rows["gluon map pass"]:
         assert rows["gluon map pass"]["stack"] == 0, rows
-        assert rows["gluon output pass"]["stack"] <= 64, rows  # 56 B since v4.8
+        # 56-64 B in v4.8; 80 B since v4.9 (gates as exp2: -136 instructions, the same time on the H100)
+        assert rows["gluon output pass"]["stack"] <= 96, rows

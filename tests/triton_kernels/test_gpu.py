@@ -113,11 +113,12 @@ def _hopper():
 @pytest.mark.parametrize("kind", ["random", "near_identical_keys", "cyclic_keys", "strong_decay", "zero_decay",
                                   "beta_0_2", "large_initial_state", "varlen"])
 @pytest.mark.parametrize("seq_len, partition_chunks", [(130, None), (130, 1), (1000, 3)])
-@pytest.mark.parametrize("packed_split", [False, True])
-def test_gluon_sm90_passes(kind, seq_len, partition_chunks, packed_split, monkeypatch):
+@pytest.mark.parametrize("packed_split, split_qs", [(False, True), (True, True), (True, False)])
+def test_gluon_sm90_passes(kind, seq_len, partition_chunks, packed_split, split_qs, monkeypatch):
     """The Gluon map and output passes (TUNING["gluon_sm90"], on by default) run, give the same
     o and final state as the Triton passes (the same products in the same order: bitwise equal
-    on the H100), stay within the exactness goal, and are deterministic. Outputs poisoned first."""
+    on the H100), stay within the exactness goal, and are deterministic. Outputs poisoned first.
+    Without the split Q S (`gluon_split_qs` off) o keeps the goal and the state is unchanged."""
     from flashdelta.triton import chunk as tc
     from flashdelta.triton import chunk_sm90
 
@@ -133,6 +134,7 @@ def test_gluon_sm90_passes(kind, seq_len, partition_chunks, packed_split, monkey
     n_seqs = len(kw["cu_seqlens"]) - 1 if "cu_seqlens" in kw else q.shape[0]
 
     monkeypatch.setitem(tc.TUNING, "gluon_packed_split", packed_split)
+    monkeypatch.setitem(tc.TUNING, "gluon_split_qs", split_qs)
 
     def run(on):
         monkeypatch.setitem(tc.TUNING, "gluon_sm90", on)
@@ -152,4 +154,5 @@ def test_gluon_sm90_passes(kind, seq_len, partition_chunks, packed_split, monkey
     assert torch.equal(o_g, o_g2) and torch.equal(s_g, s_g2)
     assert rel_l2(o_g, o_ref) <= 4e-3 and rel_l2(s_g, s_ref) <= 1e-3, (rel_l2(o_g, o_ref), rel_l2(s_g, s_ref))
     # as close to the Triton kernel as the revised same-rounding bound of test_chunk allows
-    assert rel_l2(s_g, s_t) <= max(1e-5, rel_l2(s_t, s_ref)) and rel_l2(o_g, o_t) <= 2e-4
+    assert rel_l2(s_g, s_t) <= max(1e-5, rel_l2(s_t, s_ref))
+    assert rel_l2(o_g, o_t) <= (2e-4 if split_qs else 3e-3), rel_l2(o_g, o_t)
