@@ -52,7 +52,7 @@ VARIANTS = [
     {"chain_in_registers": True, "block_v_chain": None, "warps_chain": 8},  # at 8 warps (178 registers, no spill)
     {"chain_in_registers": False, "block_v_chain": None, "warps_chain": 8},
     {"chain_in_registers": True, "block_v_chain": 32},  # twice the chain programs (40 B spill); committed since v4.5
-    {"block_v_chain": 16},  # with the committed chain: four times its v4.4 programs
+    {"block_v_chain": 16},  # four times its v4.4 programs; committed since v4.9
     {"warps_chain": 8},  # with the committed chain
     {"chain_in_registers": False, "block_v_chain": None},  # v4.4's chain
     {"gluon_sm90": False},  # 33: the Triton map and output passes (the Gluon ones off)
@@ -60,6 +60,7 @@ VARIANTS = [
     {"lead_partition": False},  # 35: the plain plan at its own size (the model's choice otherwise)
     {"lead_partition": True},  # 36: the lead plan at its own size where the model declines
     {"gluon_split_qs": False},  # 37: Q S from the state's hi alone (one product less per output step)
+    {"block_v_chain": 32},  # 38: v4.5-v4.8's chain programs (16 columns since v4.9)
 ]
 SHAPES = [("1x8K 16/16", [8192], 16, 16), ("1x32K 16/16", [32768], 16, 16), ("8x4K 16/32", [4096] * 8, 16, 32)]
 ERROR_KINDS = ["random", "near_identical_keys", "strong_decay", "zero_decay", "large_initial_state"]

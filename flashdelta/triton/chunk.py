@@ -524,8 +524,9 @@ TUNING = {
     "warps_recurrence": 4,
     "warps_chain": None,  # None: as the recurrence (8 warps: chain 46 -> 37 us at 1x8K, NOTES.md v4.5)
     # the chain's state column block (None: as the recurrence): 32 doubles its programs;
-    # with chain_in_registers 45 -> 32 us at 1x8K (H100, NOTES.md v4.5)
-    "block_v_chain": 32,
+    # with chain_in_registers 45 -> 32 us at 1x8K (H100, NOTES.md v4.5); 16: 26 -> 24 us at
+    # 1x8K, 27 -> 24 at 1x32K (v4.9)
+    "block_v_chain": 16,
     # the chain's S_{p-1} row slices cut out of registers, not stored, synchronised and read
     # back: 46 -> 45 us alone, with 32 columns above. K <= 128 (where it was timed; at K = 256
     # it spills 1160 B offline)
