@@ -15,7 +15,7 @@ import itertools
 import torch
 import triton
 
-from flashdelta.bench import Shape, make_inputs
+from flashdelta.bench import Shape, _mixed_lengths, make_inputs
 from flashdelta.testing import make_case, oracle, rel_l2
 from flashdelta.triton import chunk as tc
 
@@ -139,8 +139,10 @@ def main():
     opts = ap.parse_args()
     chosen = [VARIANTS[int(i)] for i in opts.variants.split(",")] if opts.variants else VARIANTS
     if opts.breakdown:
-        extra = [("1x128K 16/16", [131072], 16, 16), ("1x32K 16/32", [32768], 16, 32)]
-        shapes = [(name, make_inputs(Shape("prefill", name, lens, h, hv, gate="strong"), "cuda"))
+        extra = [("1x128K 16/16", [131072], 16, 16), ("1x32K 16/32", [32768], 16, 32),
+                 ("varlen 64K/8", _mixed_lengths(65536, 8), 16, 32)]
+        shapes = [(name, make_inputs(Shape("prefill", name, lens, h, hv, gate="strong", varlen=name.startswith("varlen")),
+                                     "cuda"))
                   for name, lens, h, hv in itertools.chain(SHAPES, extra)]
         for variant in chosen:
             use(variant)

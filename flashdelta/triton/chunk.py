@@ -352,6 +352,14 @@ def _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end
 
 
 @triton.jit
+def _program(HV: tl.constexpr, NCB: tl.constexpr):
+    """(row, value head, column block) of this program in a 1-D grid of rows x HV x NCB, the
+    row slowest: a row's programs start together, and rows start in table order."""
+    pid = tl.program_id(0)
+    return pid // (HV * NCB), (pid // NCB) % HV, pid % NCB
+
+
+@triton.jit
 def _recurrence_kernel(
     q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr,
     state_in_ptr, state_out_ptr, map_d_ptr, map_m_ptr, part_ptr,
@@ -368,9 +376,10 @@ def _recurrence_kernel(
     """q_ptr, k_ptr, v_ptr: tensor descriptors when TMA, else pointers (+ strides); t_ptr: a
     descriptor when TMA_T (which implies TMA), else a pointer;
     t_total: T of the [B, T, ...] inputs."""
-    i_p = tl.program_id(0)
-    i_h = tl.program_id(1)
-    i_v = tl.program_id(2)
+    if MAP:
+        i_p, i_h, i_v = _program(HV, NVB + (K + BV - 1) // BV)
+    else:
+        i_p, i_h, i_v = _program(HV, NVB)
     row = part_ptr + i_p * 6
     b = tl.load(row).to(tl.int64)
     t_start = tl.load(row + 1).to(tl.int64)
@@ -721,6 +730,11 @@ def _plan(seqs: tuple, partition_chunks: int, device: torch.device, lead: bool =
                 maps.append((b, t0, t1, n, len(maps), 0))
             slots += 1
         chains.append((first, len(bounds), first_map, n))
+    # longest rows first: the passes' grids run rows slowest (`_program`), and the GPU starts
+    # programs in grid order, so the long sequences of a varlen batch start in the first wave
+    # and the short ones fill the slots they leave (rows are self-describing: any order works)
+    for rows in (parts, leads, maps):
+        rows.sort(key=lambda r: r[1] - r[2])
     as_tensor = lambda rows, width: torch.tensor(rows, dtype=torch.int32).reshape(-1, width).to(device)  # noqa: E731
     return {
         "chunks": as_tensor(chunks, 3),
@@ -918,7 +932,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
                                        scale, hv, group, TUNING["gluon_packed_split"], descs=gluon_descs,
                                        split_qs=TUNING["gluon_split_qs"])
             else:
-                _recurrence_kernel[(plan["num_leads"], hv, nvb)](
+                _recurrence_kernel[(plan["num_leads"] * hv * nvb,)](
                     *tiles, h0, starts, None, None, plan["leads"], *strides, scale, t_len,
                     MAP=False, PARTITIONED=True, HAS_STATE_IN=h0 is not None, STORE_FINAL=True, **rec,
                 )
@@ -927,7 +941,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
                 chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, plan["maps"], plan["num_maps"], hv, group,
                                     TUNING["gluon_packed_split"], descs=gluon_descs)
             elif plan["num_maps"]:
-                _recurrence_kernel[(plan["num_maps"], hv, nvb + nkb)](
+                _recurrence_kernel[(plan["num_maps"] * hv * (nvb + nkb),)](
                     *tiles, None, None, map_d, map_m, plan["maps"], *strides, scale, t_len,
                     MAP=True, PARTITIONED=True, HAS_STATE_IN=False, STORE_FINAL=False,
                     **{**rec, **cfg["map_launch"]},
@@ -944,7 +958,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
                                partitioned, scale, hv, group, TUNING["gluon_packed_split"],
                                descs=gluon_descs, split_qs=TUNING["gluon_split_qs"])
         return o, final
-    _recurrence_kernel[(plan["num_parts"], hv, nvb)](
+    _recurrence_kernel[(plan["num_parts"] * hv * nvb,)](
         *tiles, state_in, final, None, None, plan["parts"], *strides, scale, t_len,
         MAP=False, PARTITIONED=partitioned, HAS_STATE_IN=state_in is not None, STORE_FINAL=final is not None,
         **rec,

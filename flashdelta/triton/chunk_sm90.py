@@ -76,8 +76,8 @@ def _recurrence_kernel(
     HAS_STATE_IN: gl.constexpr, PARTITIONED: gl.constexpr, STORE_FINAL: gl.constexpr,
     PACKED_SPLIT: gl.constexpr = True, SPLIT_QS: gl.constexpr = True,
 ):
-    """Grid (partitions, HV, V / 64), or (maps, HV, V / 64 + K / 64) when MAP (column blocks
-    past V / 64 are M's). q/k/v_desc: [B * T, heads * dim] views, tiles [64, K], [64, K],
+    """Grid (partitions x HV x V / 64), or (maps x HV x (V / 64 + K / 64)) when MAP (column
+    blocks past V / 64 are M's), flattened with the row slowest. q/k/v_desc: [B * T, heads * dim] views, tiles [64, K], [64, K],
     [64, 64]; t_desc: T_u as [B * T, 2 HV * 64] (hi of head h at 2h, lo at 2h + 1).
     part_ptr rows: (b, t_start, t_end, seq, slot, is_last) as `chunk._plan`."""
     C: gl.constexpr = 64
@@ -89,9 +89,15 @@ def _recurrence_kernel(
     col_l: gl.constexpr = gl.SliceLayout(0, acc_l)
     s_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([K, BV], gl.bfloat16)
 
-    i_p = gl.program_id(0)
-    i_h = gl.program_id(1)
-    i_v = gl.program_id(2)
+    # a 1-D grid, rows slowest (as chunk._program): rows start in table order, longest first
+    if MAP:
+        NCB: gl.constexpr = NVB + K // BV
+    else:
+        NCB: gl.constexpr = NVB
+    pid = gl.program_id(0)
+    i_p = pid // (HV * NCB)
+    i_h = (pid // NCB) % HV
+    i_v = pid % NCB
     prow = part_ptr + i_p * 6
     b = gl.load(prow).to(gl.int64)
     t_start = gl.load(prow + 1).to(gl.int64)
@@ -352,7 +358,7 @@ def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps: int, hv: int, gr
     map_d [maps, HV, K, V], map_m [maps, HV, K, K] are written. `descs`: `descriptors(q, k,
     v, tinv)` when the caller has them."""
     dk, dv = q.shape[3], v.shape[3]
-    _recurrence_kernel[(num_maps, hv, dv // BLOCK_V + dk // BLOCK_V)](
+    _recurrence_kernel[(num_maps * hv * (dv // BLOCK_V + dk // BLOCK_V),)](
         *(descs or descriptors(q, k, v, tinv)), gcum, None, None, None, map_d, map_m, maps, *gcum.stride()[:3], 0, 0, 0,
         1.0, q.shape[1],
         HV=hv, GROUP=group, K=dk, V=dv, MAP=True, HAS_STATE_IN=False, PARTITIONED=True, STORE_FINAL=False,
@@ -365,7 +371,7 @@ def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts: int, 
     """Launch over `num_parts` partitions (rows of `parts`); o and final are written. `descs`:
     `descriptors(q, k, v, tinv)` when the caller has them."""
     dk, dv = q.shape[3], v.shape[3]
-    _recurrence_kernel[(num_parts, hv, dv // BLOCK_V)](
+    _recurrence_kernel[(num_parts * hv * (dv // BLOCK_V),)](
         *(descs or descriptors(q, k, v, tinv)), gcum, o, state_in, final, None, None, parts, *gcum.stride()[:3],
         *o.stride()[:3], scale, q.shape[1],
         HV=hv, GROUP=group, K=dk, V=dv, MAP=False, HAS_STATE_IN=state_in is not None, PARTITIONED=partitioned,

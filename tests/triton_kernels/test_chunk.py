@@ -368,7 +368,8 @@ def test_lead_plan_where_the_model_predicts_it_faster(monkeypatch):
 def test_lead_plan_tables():
     """`_plan` with the lead: a sequence of several partitions has its first as a lead row that
     reads h0 at its sequence (slot) and writes its end state at the second partition's start
-    (seq), no map for it, and output rows for the rest; one-partition sequences are untouched."""
+    (seq), no map for it, and output rows for the rest; one-partition sequences are untouched.
+    Rows are sorted longest first."""
     from flashdelta.triton import chunk as tc
 
     seqs = ((0, 0, 640), (0, 640, 700), (0, 700, 956))  # 10, 1 and 4 chunks
@@ -376,8 +377,9 @@ def test_lead_plan_tables():
     led = tc._plan(seqs, 4, torch.device("cpu"), True)
     assert plain["num_slots"] == led["num_slots"] == 3 + 1 + 1 and plain["num_leads"] == 0
     assert led["leads"].tolist() == [[0, 0, 256, 1, 0, 1]]
-    assert led["parts"].tolist() == [[0, 256, 512, 0, 1, 0], [0, 512, 640, 0, 2, 1], [0, 640, 700, 1, 3, 1],
-                                     [0, 700, 956, 2, 4, 1]]
+    # rows longest first (the GPU starts them in that order), ties in sequence order
+    assert led["parts"].tolist() == [[0, 256, 512, 0, 1, 0], [0, 700, 956, 2, 4, 1], [0, 512, 640, 0, 2, 1],
+                                     [0, 640, 700, 1, 3, 1]]
     assert plain["parts"].tolist() == [[0, 0, 256, 0, 0, 0]] + led["parts"].tolist()
     assert led["maps"].tolist() == [[0, 256, 512, 0, 0, 0]]  # the second of three partitions only
     assert plain["maps"].tolist() == [[0, 0, 256, 0, 0, 0], [0, 256, 512, 0, 1, 0]]

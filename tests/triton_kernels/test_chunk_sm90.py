@@ -60,7 +60,7 @@ def test_output_pass_binds_its_arguments(monkeypatch):
     chunk_sm90.output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, 3, True, 0.125, 4, 2, False)
     ((grid, warps, a),) = rec.calls
     assert a["PACKED_SPLIT"] is False
-    assert grid == (3, 4, 128 // chunk_sm90.BLOCK_V) and warps == chunk_sm90.NUM_WARPS
+    assert grid == (3 * 4 * (128 // chunk_sm90.BLOCK_V),) and warps == chunk_sm90.NUM_WARPS  # rows x heads x blocks
     _check_tiles(a, q, k, v, tinv)
     assert a["gcum_ptr"] is gcum and a["o_ptr"] is o and a["part_ptr"] is parts
     assert a["state_in_ptr"] is state_in and a["state_out_ptr"] is final
@@ -82,7 +82,7 @@ def test_map_pass_binds_its_arguments(monkeypatch):
     chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, 5, 4, 2, True)
     ((grid, _, a),) = rec.calls
     assert a["PACKED_SPLIT"] is True
-    assert grid == (5, 4, 64 // chunk_sm90.BLOCK_V + 128 // chunk_sm90.BLOCK_V)  # D's column blocks, then M's
+    assert grid == (5 * 4 * (64 // chunk_sm90.BLOCK_V + 128 // chunk_sm90.BLOCK_V),)  # D's column blocks, then M's
     _check_tiles(a, q, k, v, tinv)
     assert a["map_d_ptr"] is map_d and a["map_m_ptr"] is map_m and a["part_ptr"] is maps
     assert a["o_ptr"] is None and a["state_in_ptr"] is None and a["state_out_ptr"] is None
