@@ -589,7 +589,8 @@ TUNING = {
     # roundings, bitwise equal): H100 map pass -9%, output pass -13 to -18% (NOTES.md v4.8)
     "gluon_packed_split": True,
     # Q S in the Gluon output pass as the split product (True) or from the state's hi alone:
-    # one product less per step, o error up to ~2.3e-3 instead of the 1.7e-3 floor (NOTES.md v4.9)
+    # one product less per step (output pass -4 to -8%), o error up to 2.4e-3 instead of the
+    # 1.7e-3 floor (NOTES.md v4.9)
     "gluon_split_qs": True,
     # each sequence's first partition run beside the map pass (`_plan`'s lead rows): None lets
     # `predicted_cost` decide per call, True / False force it (NOTES.md v4.8)

@@ -77,8 +77,8 @@ def _recurrence_kernel(
     PACKED_SPLIT: gl.constexpr = True, SPLIT_QS: gl.constexpr = True,
 ):
     """Grid (partitions x HV x V / 64), or (maps x HV x (V / 64 + K / 64)) when MAP (column
-    blocks past V / 64 are M's), flattened with the row slowest. q/k/v_desc: [B * T, heads * dim] views, tiles [64, K], [64, K],
-    [64, 64]; t_desc: T_u as [B * T, 2 HV * 64] (hi of head h at 2h, lo at 2h + 1).
+    blocks past V / 64 are M's), flattened with the row slowest. q/k/v_desc: [B * T, heads * dim]
+    views, tiles [64, K], [64, K], [64, 64]; t_desc: T_u as [B * T, 2 HV * 64] (hi of head h at 2h, lo at 2h + 1).
     part_ptr rows: (b, t_start, t_end, seq, slot, is_last) as `chunk._plan`."""
     C: gl.constexpr = 64
     BV: gl.constexpr = 64
