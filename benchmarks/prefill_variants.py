@@ -61,6 +61,8 @@ VARIANTS = [
     {"lead_partition": True},  # 36: the lead plan at its own size where the model declines
     {"gluon_split_qs": False},  # 37: Q S from the state's hi alone (one product less per output step)
     {"block_v_chain": 32},  # 38: v4.5-v4.8's chain programs (16 columns since v4.9)
+    {"skip_negligible_maps": False},  # 39: every map in full (v4.9)
+    {"skip_negligible_maps": False, "lead_partition": False},  # 40: v4.9 on the plain plan
 ]
 SHAPES = [("1x8K 16/16", [8192], 16, 16), ("1x32K 16/16", [32768], 16, 16), ("8x4K 16/32", [4096] * 8, 16, 32)]
 ERROR_KINDS = ["random", "near_identical_keys", "strong_decay", "zero_decay", "large_initial_state"]
@@ -136,14 +138,18 @@ def main():
     ap.add_argument("--variants", default=None, help="comma-separated indices of VARIANTS to time")
     ap.add_argument("--breakdown", action="store_true",
                     help="only print each kernel's time per shape for each variant, then exit")
+    ap.add_argument("--gate", default="strong", choices=["strong", "weak"], help="the breakdown's gates")
+    ap.add_argument("--shapes", default=None, help="comma-separated names of the breakdown's shapes (all if unset)")
     opts = ap.parse_args()
     chosen = [VARIANTS[int(i)] for i in opts.variants.split(",")] if opts.variants else VARIANTS
     if opts.breakdown:
         extra = [("1x128K 16/16", [131072], 16, 16), ("1x32K 16/32", [32768], 16, 32),
                  ("varlen 64K/8", _mixed_lengths(65536, 8), 16, 32)]
-        shapes = [(name, make_inputs(Shape("prefill", name, lens, h, hv, gate="strong", varlen=name.startswith("varlen")),
-                                     "cuda"))
-                  for name, lens, h, hv in itertools.chain(SHAPES, extra)]
+        extra.append(("1x128K 32/32", [131072], 32, 32))
+        wanted = opts.shapes.split(",") if opts.shapes else None
+        shapes = [(name, make_inputs(Shape("prefill", name, lens, h, hv, gate=opts.gate,
+                                           varlen=name.startswith("varlen")), "cuda"))
+                  for name, lens, h, hv in itertools.chain(SHAPES, extra) if wanted is None or name in wanted]
         for variant in chosen:
             use(variant)
             print(label(variant), flush=True)

@@ -43,7 +43,13 @@ def main():
     lead = tc.TUNING["lead_partition"]
     tc.TUNING["lead_partition"] = True  # the same with the lead pass beside the map pass (two streams)
     ol, sl = chunk_gated_delta_rule_fwd(q, k, v, g, beta, d**-0.5, h0, True, cu, False, partition_chunks=1)
+    # strong decay: negligible maps skipped, and the device's plan choice (empty lead rows)
+    tc.TUNING["lead_partition"] = "adaptive"
+    gs = -4.0 - 8.0 * torch.rand(1, total, hv, device=dev)
+    oa, sa = chunk_gated_delta_rule_fwd(q, k, v, gs, beta, d**-0.5, h0, True, cu, False, partition_chunks=1)
     tc.TUNING["lead_partition"] = lead
+    oa2, sa2 = fd.fused_recurrent_gated_delta_rule(q, k, v, gs, beta, initial_state=h0, output_final_state=True,
+                                                   cu_seqlens=cu, backend="triton")
     o2, s2 = fd.fused_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
                                                  cu_seqlens=cu, backend="triton")
     qd, kd = (torch.randn(2, 200, h, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
@@ -63,10 +69,11 @@ def main():
     o3 = fd.fused_sigmoid_gating_delta_rule_update(*args, use_qk_l2norm_in_kernel=True, backend="triton")
     if dev == "cuda":
         torch.cuda.synchronize()
-    ok = all(torch.isfinite(x).all() for x in (o, s, ol, sl, o2, s2, od, sd, od2, sd2, o3, pool))
+    ok = all(torch.isfinite(x).all() for x in (o, s, ol, sl, o2, s2, od, sd, od2, sd2, o3, pool, oa, sa))
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
     print("outputs finite:", ok, "| prefill vs token loop rel diff: varlen", rel(o, o2), "dense", rel(od, od2),
-          "states", rel(s, s2), rel(sd, sd2), "| lead vs plain", rel(ol, o), rel(sl, s))
+          "states", rel(s, s2), rel(sd, sd2), "| lead vs plain", rel(ol, o), rel(sl, s),
+          "| strong decay, adaptive vs token loop", rel(oa, oa2), rel(sa, sa2))
     raise SystemExit(0 if ok else 1)
 
 

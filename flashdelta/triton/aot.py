@@ -32,8 +32,9 @@ def _pointers(dtype) -> dict:
     io = "*" + TYPES[dtype]
     types = {n: io for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}
     types.update({n: "*fp32" for n in ("g_ptr", "beta_ptr", "t_ptr", "gcum_ptr", "state_in_ptr", "state_out_ptr",
-                                       "map_d_ptr", "map_m_ptr", "h0_ptr", "starts_ptr", "ht_ptr")})
-    types.update({n: "*i32" for n in ("chunk_ptr", "part_ptr", "seq_ptr", "cu_ptr")})
+                                       "map_d_ptr", "map_m_ptr", "h0_ptr", "starts_ptr", "ht_ptr", "bound_ptr")})
+    types.update({n: "*i32" for n in ("chunk_ptr", "part_ptr", "seq_ptr", "cu_ptr", "warm_ptr", "map_ptr",
+                                      "warm_ab_ptr", "rows_a_ptr", "rows_b_ptr", "rows_ptr")})
     types.update({"a_ptr": "*fp32", "b_ptr": "*fp32", "a_log_ptr": "*fp32", "dt_bias_ptr": "*fp32", "pool_ptr": "*fp32",
                   "idx_ptr": "*i64", "inter_ptr": "*fp32"})
     for name in ("softplus_beta", "softplus_threshold"):
@@ -78,13 +79,20 @@ def prefill_kernels(dtype, dim: int, arch: int = 90):
     ptrs = _pointers(dtype)
     if cfg["inverse"]["T_SPLIT"]:
         ptrs["t_ptr"] = "*bf16"
-    yield "inverse", compile_kernel(tc._inverse_kernel, ptrs, cfg["inverse"], arch)
+    yield "inverse", compile_kernel(tc._inverse_kernel, ptrs, dict(cfg["inverse"], DECAY_BOUND=False), arch)
+    yield "inverse, map bounds", compile_kernel(tc._inverse_kernel, ptrs, dict(cfg["inverse"], DECAY_BOUND=True),
+                                                arch)
+    yield "choose plan", compile_kernel(tc._choose_plan_kernel, ptrs, dict(HV=32, NVB=2, NKB=2, SLOTS=264, BLOCK=256),
+                                        arch)
+    yield "warm start", compile_kernel(tc._warm_start_kernel, ptrs, dict(HV=32, LIMIT=tc.NEGLIGIBLE_LOG2, BLOCK=64),
+                                       arch)
     if cfg["recurrence"]["TMA"]:
         ptrs = {**ptrs, **_descriptors(dtype, cfg["recurrence"])}
     yield "output pass", compile_kernel(tc._recurrence_kernel, ptrs, dict(
-        cfg["recurrence"], MAP=False, PARTITIONED=True, HAS_STATE_IN=True, STORE_FINAL=True), arch)
+        cfg["recurrence"], MAP=False, PARTITIONED=True, HAS_STATE_IN=True, STORE_FINAL=True, WARM=False), arch)
     yield "map pass", compile_kernel(tc._recurrence_kernel, ptrs, dict(
-        cfg["recurrence"], MAP=True, PARTITIONED=True, HAS_STATE_IN=False, STORE_FINAL=False), arch)
+        cfg["recurrence"], MAP=True, PARTITIONED=True, HAS_STATE_IN=False, STORE_FINAL=False,
+        WARM=tc.TUNING["skip_negligible_maps"]), arch)
     yield "chain", compile_kernel(tc._chain_kernel, ptrs, dict(cfg["chain"], HAS_H0=True), arch)
 
 
@@ -97,14 +105,20 @@ def sm90_kernels(arch: int = 90):
 
     fn = g._recurrence_kernel
     tile = lambda cols: f"tensordesc<bf16[{g.CHUNK_SIZE},{cols}],{gl.NVMMASharedLayout.get_default_for([g.CHUNK_SIZE, cols], gl.bfloat16)!r}>"  # noqa: E731,E501
-    for name, mode in (("gluon output pass", dict(MAP=False, HAS_STATE_IN=True, STORE_FINAL=True)),
-                       ("gluon map pass", dict(MAP=True, HAS_STATE_IN=False, STORE_FINAL=False))):
+    for name, mode in (("gluon output pass", dict(MAP=False, HAS_STATE_IN=True, STORE_FINAL=True, WARM=False,
+                                                  MAY_BE_EMPTY=False)),
+                       ("gluon lead pass", dict(MAP=False, HAS_STATE_IN=True, STORE_FINAL=True, WARM=False,
+                                                MAY_BE_EMPTY=True)),
+                       ("gluon map pass", dict(MAP=True, HAS_STATE_IN=False, STORE_FINAL=False,
+                                               WARM=tc.TUNING["skip_negligible_maps"], MAY_BE_EMPTY=False))):
         signature = {"q_desc": tile(128), "k_desc": tile(128), "v_desc": tile(g.BLOCK_V),
                      "t_desc": tile(g.CHUNK_SIZE), "gcum_ptr": "*fp32", "o_ptr": "*bf16", "state_in_ptr": "*fp32",
                      "state_out_ptr": "*fp32", "map_d_ptr": "*fp32", "map_m_ptr": "*fp32", "part_ptr": "*i32",
-                     "scale": "fp32"}
+                     "warm_ptr": "*i32", "scale": "fp32"}
         constexprs = dict(HV=32, GROUP=2, K=128, V=128, PARTITIONED=True,
                           PACKED_SPLIT=tc.TUNING["gluon_packed_split"], SPLIT_QS=tc.TUNING["gluon_split_qs"], **mode)
+        if not mode.get("WARM"):  # launched with warm_ptr None (a constexpr)
+            constexprs["warm_ptr"] = None
         signature.update({n: "constexpr" for n in constexprs})
         signature.update({n: "i32" for n in fn.arg_names if n not in signature})
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)

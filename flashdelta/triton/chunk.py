@@ -200,17 +200,20 @@ def _merged_block_inverse(a, k, G, beta, t_ptr, base, n, s_tt, s_th, DOT: tl.con
 
 @triton.jit
 def _inverse_kernel(
-    k_ptr, g_ptr, beta_ptr, t_ptr, gcum_ptr, chunk_ptr,
+    k_ptr, g_ptr, beta_ptr, t_ptr, gcum_ptr, chunk_ptr, bound_ptr,
     s_kb, s_kt, s_kh, s_kd, s_gb, s_gt, s_gh, s_bb, s_bt, s_bh, s_tb, s_tt, s_th, s_cb, s_ct, s_ch,
+    s_ub, s_ut, s_uh,
     GROUP: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
     L2NORM: tl.constexpr, K_EXACT: tl.constexpr, DOT: tl.constexpr, T_SPLIT: tl.constexpr,
-    BLOCKED16: tl.constexpr = False, BLOCK_MERGE: tl.constexpr = False,
+    BLOCKED16: tl.constexpr = False, BLOCK_MERGE: tl.constexpr = False, DECAY_BOUND: tl.constexpr = False,
 ):
     """T_u = (I + A)^-1 diag(beta) of one chunk and head, on whole 64 x 64 tiles with the tensor
     cores: blocked substitution with doubling block sizes, T_2 = I - E_1, then
     T_2s = T_s - T_s E_s T_s for s = 2 .. 32 (E_s: the lower-left s x s blocks inside each 2s
     block of A). Each T_s is the exact inverse of the block diagonal of size s (no powers of
-    A); products are fp32-accurate (hi + lo bf16 split, or 3xTF32 for fp32 operands)."""
+    A); products are fp32-accurate (hi + lo bf16 split, or 3xTF32 for fp32 operands).
+    DECAY_BOUND: also log2 of a bound on the norm of the chunk's state map M_c, at
+    bound_ptr[b, t0, head] (`_warm_start_kernel`)."""
     i_c = tl.program_id(0)
     i_h = tl.program_id(1)
     b = tl.load(chunk_ptr + i_c * 3).to(tl.int64)
@@ -231,8 +234,15 @@ def _inverse_kernel(
         base = b * s_tb + t0 * s_tt + i_h * s_th
     row = rt[:, None]
     col = rt[None, :]
-    a = _gram(k, tl.trans(k), DOT, K_EXACT) * tl.exp2(
-        tl.where(row > col, (G[:, None] - G[None, :]).to(tl.float32), float("-inf"))) * beta[:, None]
+    gram = _gram(k, tl.trans(k), DOT, K_EXACT)
+    if DECAY_BOUND:
+        # one token's map is e^{g_t} (I - beta_t k_t k_t^T), of norm e^{g_t} max(1, |1 - beta_t |k_t|^2|);
+        # the chunk's is at most their product (padded rows: g = beta = 0, a factor 1)
+        norm2 = tl.sum(tl.where(row == col, gram, 0.0), 1)
+        growth = tl.log2(tl.maximum(tl.abs(1.0 - beta * norm2), 1.0))
+        bound = (tl.sum(g, 0) * tl.full([], LOG2E, tl.float64)).to(tl.float32) + tl.sum(growth, 0)
+        tl.store(bound_ptr + b * s_ub + t0 * s_ut + i_h * s_uh, bound)
+    a = gram * tl.exp2(tl.where(row > col, (G[:, None] - G[None, :]).to(tl.float32), float("-inf"))) * beta[:, None]
     if BLOCK_MERGE:
         _merged_block_inverse(a, k, G, beta, t_ptr, base, n, s_tt, s_th, DOT, K_EXACT, T_SPLIT)
     else:
@@ -359,10 +369,86 @@ def _program(HV: tl.constexpr, NCB: tl.constexpr):
     return pid // (HV * NCB), (pid // NCB) % HV, pid % NCB
 
 
+# A partition's state map M whose norm is below 2^NEGLIGIBLE_LOG2 is not computed (taken as 0):
+# for any finite fp32 state S (|S| < 2^136 at K, V <= 256), M S < 2^-164 in every element,
+# under the smallest fp32 number (2^-149), let alone its rounding of anything the map adds to.
+# Likewise D, the map's zero-start part, starts where what came before is damped that much.
+NEGLIGIBLE_LOG2 = -300.0
+
+
+@triton.jit
+def _warm_start_kernel(bound_ptr, map_ptr, warm_ptr, s_ub, s_ut, s_uh, HV: tl.constexpr, LIMIT: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """Per map row and value head, from the chunks' map-norm bounds (log2, `_inverse_kernel`'s
+    DECAY_BOUND): warm[row, head] = (first token of D's run, 1 if M is negligible else 0).
+
+    The state entering chunk j reaches the partition's end through chunks j .. n-1, whose
+    bounds sum to suffix(j). M (j = 0) is negligible where suffix(0) <= LIMIT; D's run starts
+    at the last chunk j with suffix(j) <= LIMIT (what entered it is negligible at the end), or
+    at the partition's start where none is. No assumption on the gates: the bound includes
+    the keys' norms and beta, so a map that grows is never dropped."""
+    i_m = tl.program_id(0)
+    i_h = tl.program_id(1)
+    row = map_ptr + i_m * 6
+    b = tl.load(row).to(tl.int64)
+    t_start = tl.load(row + 1).to(tl.int64)
+    t_end = tl.load(row + 2).to(tl.int64)
+    n = ((t_end - t_start + CHUNK - 1) // CHUNK).to(tl.int32)
+    base = bound_ptr + b * s_ub + t_start * s_ut + i_h * s_uh
+    after = tl.zeros([], tl.float32)  # the bounds of the chunks after the current block
+    best = tl.full([], -1, tl.int32)
+    j0 = ((n - 1) // BLOCK) * BLOCK
+    while j0 >= 0:  # blocks from the last: a partition has a few hundred chunks at most
+        idx = j0 + tl.arange(0, BLOCK)
+        x = tl.load(base + idx.to(tl.int64) * CHUNK * s_ut, mask=idx < n, other=0.0)
+        suffix = tl.cumsum(x, 0, reverse=True) + after
+        best = tl.maximum(best, tl.max(tl.where((idx < n) & (suffix <= LIMIT), idx, -1), 0))
+        after += tl.sum(x, 0)
+        j0 -= BLOCK
+    out = warm_ptr + (i_m * HV + i_h) * 2
+    tl.store(out, (t_start + CHUNK * tl.maximum(best, 0)).to(tl.int32))
+    tl.store(out + 1, (after <= LIMIT).to(tl.int32))
+
+
+@triton.jit
+def _choose_plan_kernel(warm_ab_ptr, rows_a_ptr, rows_b_ptr, rows_ptr, warm_ptr, n_rows, n_maps,
+                        HV: tl.constexpr, NVB: tl.constexpr, NKB: tl.constexpr, SLOTS: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """The lead plan (rows A) or the same partitions with empty leads (rows B, `_plan`'s
+    `adaptive`), chosen from the gates: B where its map pass fits in one round of SLOTS
+    programs, counting D's programs (maps x HV x NVB) and the M programs that are not
+    negligible (`_warm_start_kernel`'s table of A's then B's maps, warm_ab). Then B's map pass
+    is at most one partition long, shorter than A's lead, and B's partitions are shorter
+    than A's. Copies the chosen rows ([leads; maps; parts] x 6) and warm table (one program)."""
+    idx = tl.arange(0, BLOCK)
+    long_m = tl.zeros([], tl.int32)
+    i = 0
+    while i < n_maps * HV:  # B's half of the table (while loops: runtime bounds, also in the interpreter)
+        j = i + idx
+        skip = tl.load(warm_ab_ptr + (n_maps * HV + j) * 2 + 1, mask=j < n_maps * HV, other=1)
+        long_m += tl.sum((skip == 0).to(tl.int32), 0)
+        i += BLOCK
+    use_b = n_maps * HV * NVB + long_m * NKB <= SLOTS
+    i = 0
+    while i < n_rows * 6:
+        j = i + idx
+        a = tl.load(rows_a_ptr + j, mask=j < n_rows * 6)
+        b = tl.load(rows_b_ptr + j, mask=j < n_rows * 6)
+        tl.store(rows_ptr + j, tl.where(use_b, b, a), mask=j < n_rows * 6)
+        i += BLOCK
+    i = 0
+    while i < n_maps * HV * 2:
+        j = i + idx
+        a = tl.load(warm_ab_ptr + j, mask=j < n_maps * HV * 2)
+        b = tl.load(warm_ab_ptr + n_maps * HV * 2 + j, mask=j < n_maps * HV * 2)
+        tl.store(warm_ptr + j, tl.where(use_b, b, a), mask=j < n_maps * HV * 2)
+        i += BLOCK
+
+
 @triton.jit
 def _recurrence_kernel(
     q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr,
-    state_in_ptr, state_out_ptr, map_d_ptr, map_m_ptr, part_ptr,
+    state_in_ptr, state_out_ptr, map_d_ptr, map_m_ptr, part_ptr, warm_ptr,
     s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd,
     s_cb, s_ct, s_ch, s_tb, s_tt, s_th, s_ob, s_ot, s_oh,
     scale, t_total,
@@ -371,11 +457,12 @@ def _recurrence_kernel(
     STORE_FINAL: tl.constexpr, L2NORM: tl.constexpr, K_EXACT: tl.constexpr,
     DOT: tl.constexpr, PREC: tl.constexpr, WHILE_LOOPS: tl.constexpr, TMA: tl.constexpr, T_SPLIT: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr = False, FUSED_ACC: tl.constexpr = False, EARLY_QS: tl.constexpr = False,
-    TMA_T: tl.constexpr = False,
+    TMA_T: tl.constexpr = False, WARM: tl.constexpr = False,
 ):
     """q_ptr, k_ptr, v_ptr: tensor descriptors when TMA, else pointers (+ strides); t_ptr: a
     descriptor when TMA_T (which implies TMA), else a pointer;
-    t_total: T of the [B, T, ...] inputs."""
+    t_total: T of the [B, T, ...] inputs. WARM (MAP): `_warm_start_kernel`'s table at warm_ptr
+    says where D's run starts and whether M is negligible (then written as 0, not run)."""
     if MAP:
         i_p, i_h, i_v = _program(HV, NVB + (K + BV - 1) // BV)
     else:
@@ -398,8 +485,15 @@ def _recurrence_kernel(
     cmask = cv < n_cols
     smask = (rk[:, None] < K) & cmask[None, :]
 
+    t_begin = t_start
     if MAP:
-        state = tl.where(is_m & (rk[:, None] == cv[None, :]), 1.0, 0.0)
+        run_m = is_m
+        if WARM:
+            warm = warm_ptr + (i_p * HV + i_h) * 2
+            skip = tl.load(warm + 1)
+            run_m = is_m & (skip == 0)
+            t_begin = tl.where(is_m, tl.where(skip != 0, t_end, t_start), tl.load(warm).to(tl.int64))
+        state = tl.where(run_m & (rk[:, None] == cv[None, :]), 1.0, 0.0)
     else:
         state = tl.zeros((BK, BV), tl.float32)
         if HAS_STATE_IN:
@@ -411,7 +505,7 @@ def _recurrence_kernel(
             state = tl.load(p, mask=smask, other=0.0).to(tl.float32)
 
     if WHILE_LOOPS:
-        t0 = t_start
+        t0 = t_begin
         while t0 < t_end:
             state = _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end, t_total, i_h, i_hk,
                                 c0, is_m, s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh,
@@ -420,7 +514,7 @@ def _recurrence_kernel(
                                 TMA_T)
             t0 += CHUNK
     else:
-        for t0 in tl.range(t_start, t_end, CHUNK, warp_specialize=WARP_SPECIALIZE):
+        for t0 in tl.range(t_begin, t_end, CHUNK, warp_specialize=WARP_SPECIALIZE):
             state = _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end, t_total, i_h, i_hk,
                                 c0, is_m, s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh,
                                 s_vd, s_cb, s_ct, s_ch, s_tb, s_tt, s_th, s_ob, s_ot, s_oh, scale,
@@ -593,12 +687,25 @@ TUNING = {
     # 1.7e-3 floor (NOTES.md v4.9)
     "gluon_split_qs": True,
     # each sequence's first partition run beside the map pass (`_plan`'s lead rows): None lets
-    # `predicted_cost` decide per call, True / False force it (NOTES.md v4.8)
+    # `predicted_cost` decide per call (and, with skip_negligible_maps, the GPU between that
+    # plan and its empty-lead form: "adaptive"), True / False / "adaptive" force it (NOTES.md v4.8)
     "lead_partition": None,
+    # the map pass skips what the gates provably damp below fp32 (NEGLIGIBLE_LOG2): M not run
+    # where its norm bound is under 2^-300, D run from the chunk where that holds
+    # (`_warm_start_kernel`); False runs every map in full (A/B checks)
+    "skip_negligible_maps": True,
 }
 
 
 _SIDE_STREAMS: dict = {}
+
+
+def map_pass_slots(device: torch.device) -> int:
+    """Map programs that run at once: two per SM (both map passes: 180-188 registers, 88-105 KB
+    of shared memory); 0 off CUDA (`_choose_plan_kernel` then keeps the lead plan)."""
+    if device.type != "cuda":
+        return 0
+    return 2 * sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _side_stream(device: torch.device):
@@ -702,7 +809,7 @@ MIN_PARTITION_CHUNKS = 16
 
 
 @functools.lru_cache(maxsize=128)
-def _plan(seqs: tuple, partition_chunks: int, device: torch.device, lead: bool = False):
+def _plan(seqs: tuple, partition_chunks: int, device: torch.device, lead: bool = False, adaptive: bool = False):
     """Tables for one sequence layout: chunks, partitions (output pass), maps and chains.
 
     Partition rows (b, t_start, t_end, seq, slot, is_last): `slot` indexes the partitions'
@@ -710,8 +817,14 @@ def _plan(seqs: tuple, partition_chunks: int, device: torch.device, lead: bool =
     sequence of several is not an output-pass row but a `lead` row, run beside the map pass
     from the initial state: (b, t_start, t_end, slot of the second partition, seq, 1), so the
     output kernel's state_in index (slot) is the sequence's and its end state lands where the
-    second partition starts; maps then cover the second partition to the last but one."""
+    second partition starts; maps then cover the second partition to the last but one.
+
+    `adaptive` (with `lead`): also the rows of the same tables with every lead row empty and
+    the sequence's other partitions covering it all (the plain plan in the lead plan's shape:
+    the same row counts, grids and chains), as "rows_a" (lead) and "rows_b" (empty leads):
+    int32 [leads; maps; parts] x 6, from which `_choose_plan_kernel` picks on the GPU."""
     chunks, parts, leads, maps, chains = [], [], [], [], []
+    alt_parts, alt_leads, alt_maps = [], [], []
     span = partition_chunks * CHUNK_SIZE
     slots = 0
     for n, (b, start, end) in enumerate(seqs):
@@ -731,13 +844,24 @@ def _plan(seqs: tuple, partition_chunks: int, device: torch.device, lead: bool =
                 maps.append((b, t0, t1, n, len(maps), 0))
             slots += 1
         chains.append((first, len(bounds), first_map, n))
+        if adaptive:
+            if led:  # an empty lead, then len(bounds) - 1 near-equal partitions of all the chunks
+                alt_leads.append((b, start, start, first + 1, n, 1))
+                n_chunks, count = -(-(end - start) // CHUNK_SIZE), len(bounds) - 1
+                edges = [min(end, start + CHUNK_SIZE * (i * n_chunks // count)) for i in range(count)] + [end]
+                for i in range(count):
+                    alt_parts.append((b, edges[i], edges[i + 1], n, first + 1 + i, int(i == count - 1)))
+                    if i < count - 1:
+                        alt_maps.append((b, edges[i], edges[i + 1], n, first_map + i, 0))
+            else:
+                alt_parts.extend(parts[len(alt_parts):])
     # longest rows first: the passes' grids run rows slowest (`_program`), and the GPU starts
     # programs in grid order, so the long sequences of a varlen batch start in the first wave
     # and the short ones fill the slots they leave (rows are self-describing: any order works)
-    for rows in (parts, leads, maps):
+    for rows in (parts, leads, maps, alt_parts, alt_leads, alt_maps):
         rows.sort(key=lambda r: r[1] - r[2])
     as_tensor = lambda rows, width: torch.tensor(rows, dtype=torch.int32).reshape(-1, width).to(device)  # noqa: E731
-    return {
+    plan = {
         "chunks": as_tensor(chunks, 3),
         "parts": as_tensor(parts, 6),
         "leads": as_tensor(leads, 6),
@@ -750,6 +874,12 @@ def _plan(seqs: tuple, partition_chunks: int, device: torch.device, lead: bool =
         "num_slots": slots,
         "partitioned": slots > len(seqs),
     }
+    if adaptive:
+        assert (len(alt_leads), len(alt_maps), len(alt_parts)) == (len(leads), len(maps), len(parts))
+        plan["rows_a"] = as_tensor(leads + maps + parts, 6)
+        plan["rows_b"] = as_tensor(alt_leads + alt_maps + alt_parts, 6)
+        plan["maps_ab"] = as_tensor(maps + alt_maps, 6)  # both plans' maps: one warm-start launch
+    return plan
 
 
 def launch_config(dtype: torch.dtype, dk: int, dv: int, group: int, hv: int, use_qk_l2norm: bool,
@@ -865,6 +995,9 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     sm90 = TUNING["gluon_sm90"] and chunk_sm90 is not None and chunk_sm90.may_run(q, v, use_qk_l2norm)
     per_sm_rule = chunk_sm90.PROGRAMS_PER_SM if sm90 else 2
     lead = TUNING["lead_partition"]  # None: the model decides; True / False forces (A/B checks, tests)
+    adaptive = lead == "adaptive" or (lead is None and TUNING["skip_negligible_maps"])
+    if lead == "adaptive":
+        lead = True
     if partition_chunks is None:
         partition_chunks, lead = auto_partitions(chunk_counts, hv, nvb, nkb, device, per_sm_rule, lead)
     else:
@@ -874,7 +1007,12 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
                 if device.type == "cuda" else 0
             lead = slots > 0 and (predicted_cost(chunk_counts, partition_chunks, True, hv, nvb, nkb, slots)
                                   < predicted_cost(chunk_counts, partition_chunks, False, hv, nvb, nkb, slots))
-    plan = _plan(seqs, partition_chunks, device, bool(lead))
+    plan = _plan(seqs, partition_chunks, device, bool(lead), False)
+    # the lead plan where the model takes it, or its empty-lead form where the gates make the
+    # maps cheap: chosen on the GPU (`_choose_plan_kernel`), no sync
+    adaptive = adaptive and bool(lead) and plan["num_maps"] > 0 and TUNING["skip_negligible_maps"]
+    if adaptive:
+        plan = _plan(seqs, partition_chunks, device, True, True)
     per_sm = 1.0
     if device.type == "cuda":
         per_sm = plan["num_parts"] * hv * nvb / sm_count(device.index if device.index is not None
@@ -896,10 +1034,13 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     else:
         tinv = torch.empty(bsz, t_len, hv, CHUNK_SIZE, dtype=torch.float32, device=device)
     gcum = torch.empty(bsz, t_len, hv, 2, dtype=torch.float32, device=device)
+    # the chunks' map-norm bounds (at each chunk's first token) and the warm-start table
+    warm = plan["num_maps"] > 0 and TUNING["skip_negligible_maps"]
+    bound = torch.empty(bsz, t_len, hv, dtype=torch.float32, device=device) if warm else gcum
 
     _inverse_kernel[(plan["num_chunks"], hv)](
-        k, g, beta, tinv, gcum, plan["chunks"], *k.stride(), *g.stride(), *beta.stride(), *tinv.stride()[:3],
-        *gcum.stride()[:3], **cfg["inverse"],
+        k, g, beta, tinv, gcum, plan["chunks"], bound, *k.stride(), *g.stride(), *beta.stride(), *tinv.stride()[:3],
+        *gcum.stride()[:3], *bound.stride()[:3], DECAY_BOUND=warm, **cfg["inverse"],
     )
     strides = (*q.stride(), *k.stride(), *v.stride(), *gcum.stride()[:3], *tinv.stride()[:3], *o.stride()[:3])
     rec = dict(cfg["recurrence"])
@@ -925,26 +1066,42 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
         # sequence's first partition from h0), which is queued first: its programs are the
         # longest of the two and must be placed before the map pass's fill the GPU
         side = _side_stream(device) if plan["num_leads"] and plan["num_maps"] else None
+        warm_table = None
+        leads, maps, parts = plan["leads"], plan["maps"], plan["parts"]
+        if warm:
+            map_rows = plan["maps_ab"] if adaptive else maps
+            warm_table = torch.empty(map_rows.shape[0], hv, 2, dtype=torch.int32, device=device)
+            _warm_start_kernel[(map_rows.shape[0], hv)](
+                bound, map_rows, warm_table, *bound.stride(), HV=hv, LIMIT=NEGLIGIBLE_LOG2, BLOCK=64,
+            )
+        if adaptive:
+            rows = torch.empty_like(plan["rows_a"])  # per call: the cached plan stays read-only
+            warm_ab, warm_table = warm_table, torch.empty(plan["num_maps"], hv, 2, dtype=torch.int32, device=device)
+            _choose_plan_kernel[(1,)](
+                warm_ab, plan["rows_a"], plan["rows_b"], rows, warm_table, rows.shape[0], plan["num_maps"],
+                HV=hv, NVB=nvb, NKB=nkb, SLOTS=map_pass_slots(device), BLOCK=256,
+            )
+            leads, maps, parts = rows.split([plan["num_leads"], plan["num_maps"], plan["num_parts"]])
         if side is not None:
             side.wait_stream(torch.cuda.current_stream(device))
         if plan["num_leads"]:
             if gluon:
-                chunk_sm90.output_pass(q, k, v, gcum, tinv, o, h0, starts, plan["leads"], plan["num_leads"], True,
+                chunk_sm90.output_pass(q, k, v, gcum, tinv, o, h0, starts, leads, plan["num_leads"], True,
                                        scale, hv, group, TUNING["gluon_packed_split"], descs=gluon_descs,
-                                       split_qs=TUNING["gluon_split_qs"])
+                                       split_qs=TUNING["gluon_split_qs"], may_be_empty=adaptive)
             else:
                 _recurrence_kernel[(plan["num_leads"] * hv * nvb,)](
-                    *tiles, h0, starts, None, None, plan["leads"], *strides, scale, t_len,
+                    *tiles, h0, starts, None, None, leads, None, *strides, scale, t_len,
                     MAP=False, PARTITIONED=True, HAS_STATE_IN=h0 is not None, STORE_FINAL=True, **rec,
                 )
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             if plan["num_maps"] and gluon:
-                chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, plan["maps"], plan["num_maps"], hv, group,
-                                    TUNING["gluon_packed_split"], descs=gluon_descs)
+                chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, plan["num_maps"], hv, group,
+                                    TUNING["gluon_packed_split"], descs=gluon_descs, warm=warm_table)
             elif plan["num_maps"]:
                 _recurrence_kernel[(plan["num_maps"] * hv * (nvb + nkb),)](
-                    *tiles, None, None, map_d, map_m, plan["maps"], *strides, scale, t_len,
-                    MAP=True, PARTITIONED=True, HAS_STATE_IN=False, STORE_FINAL=False,
+                    *tiles, None, None, map_d, map_m, maps, warm_table, *strides, scale, t_len,
+                    MAP=True, PARTITIONED=True, HAS_STATE_IN=False, STORE_FINAL=False, WARM=warm,
                     **{**rec, **cfg["map_launch"]},
                 )
         if side is not None:
@@ -954,13 +1111,15 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
             **cfg["chain"],
         )
         state_in = starts
+    else:
+        parts = plan["parts"]
     if gluon:
-        chunk_sm90.output_pass(q, k, v, gcum, tinv, o, state_in, final, plan["parts"], plan["num_parts"],
+        chunk_sm90.output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, plan["num_parts"],
                                partitioned, scale, hv, group, TUNING["gluon_packed_split"],
                                descs=gluon_descs, split_qs=TUNING["gluon_split_qs"])
         return o, final
     _recurrence_kernel[(plan["num_parts"] * hv * nvb,)](
-        *tiles, state_in, final, None, None, plan["parts"], *strides, scale, t_len,
+        *tiles, state_in, final, None, None, parts, None, *strides, scale, t_len,
         MAP=False, PARTITIONED=partitioned, HAS_STATE_IN=state_in is not None, STORE_FINAL=final is not None,
         **rec,
     )

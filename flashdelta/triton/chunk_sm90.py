@@ -71,15 +71,19 @@ def _issue(desc, row, col, bar, dst, pred):
 @gluon.jit
 def _recurrence_kernel(
     q_desc, k_desc, v_desc, t_desc, gcum_ptr, o_ptr, state_in_ptr, state_out_ptr, map_d_ptr, map_m_ptr, part_ptr,
-    s_cb, s_ct, s_ch, s_ob, s_ot, s_oh, scale, t_total,
+    warm_ptr, s_cb, s_ct, s_ch, s_ob, s_ot, s_oh, scale, t_total,
     HV: gl.constexpr, GROUP: gl.constexpr, K: gl.constexpr, V: gl.constexpr, MAP: gl.constexpr,
     HAS_STATE_IN: gl.constexpr, PARTITIONED: gl.constexpr, STORE_FINAL: gl.constexpr,
-    PACKED_SPLIT: gl.constexpr = True, SPLIT_QS: gl.constexpr = True,
+    PACKED_SPLIT: gl.constexpr = True, SPLIT_QS: gl.constexpr = True, WARM: gl.constexpr = False,
+    MAY_BE_EMPTY: gl.constexpr = False,
 ):
     """Grid (partitions x HV x V / 64), or (maps x HV x (V / 64 + K / 64)) when MAP (column
     blocks past V / 64 are M's), flattened with the row slowest. q/k/v_desc: [B * T, heads * dim]
     views, tiles [64, K], [64, K], [64, 64]; t_desc: T_u as [B * T, 2 HV * 64] (hi of head h at 2h, lo at 2h + 1).
-    part_ptr rows: (b, t_start, t_end, seq, slot, is_last) as `chunk._plan`."""
+    part_ptr rows: (b, t_start, t_end, seq, slot, is_last) as `chunk._plan`. WARM (MAP):
+    `chunk._warm_start_kernel`'s table at warm_ptr: where D's run starts, whether M is
+    negligible (then 0, and nothing is fetched). MAY_BE_EMPTY: rows may have no chunk (the
+    empty leads of chunk._choose_plan_kernel's plan B: the start state is stored as it is)."""
     C: gl.constexpr = 64
     BV: gl.constexpr = 64
     NVB: gl.constexpr = V // BV
@@ -106,10 +110,17 @@ def _recurrence_kernel(
     slot = gl.load(prow + 4).to(gl.int64)
     is_last = gl.load(prow + 5)
     i_hk = i_h // GROUP
+    t_begin = t_start
     if MAP:  # column blocks past NVB are M's
         is_m = i_v >= NVB
         has_v = i_v < NVB
         c0 = (i_v - NVB * is_m.to(gl.int32)) * BV
+        run_m = is_m
+        if WARM:
+            warm = warm_ptr + (i_p * HV + i_h) * 2
+            skip = gl.load(warm + 1)
+            run_m = is_m & (skip == 0)
+            t_begin = gl.where(is_m, gl.where(skip != 0, t_end, t_start), gl.load(warm).to(gl.int64))
     else:
         has_v = True
         c0 = i_v * BV
@@ -140,7 +151,7 @@ def _recurrence_kernel(
     ct = gl.arange(0, C, layout=col_l)
     cv = c0 + gl.arange(0, BV, layout=col_l)
     if MAP:
-        state = gl.where(is_m & (rk[:, None] == cv[None, :]), 1.0, 0.0)
+        state = gl.where(run_m & (rk[:, None] == cv[None, :]), 1.0, 0.0)
     elif HAS_STATE_IN:
         if PARTITIONED:
             src = slot
@@ -150,19 +161,23 @@ def _recurrence_kernel(
     else:
         state = gl.zeros([K, BV], gl.float32, acc_l)
 
-    n_chunks = ((t_end - t_start + C - 1) // C).to(gl.int32)
-    row0 = (b * t_total + t_start).to(gl.int32)
+    n_chunks = ((t_end - t_begin + C - 1) // C).to(gl.int32)
+    row0 = (b * t_total + t_begin).to(gl.int32)
     col_k = (i_hk * K).to(gl.int32)
     col_v = (i_h * V + c0).to(gl.int32)
     col_th = (2 * i_h * C).to(gl.int32)
     col_tl = col_th + C
-    _issue(k_desc, row0, col_k, bar_k.index(0), k_smem.index(0), True)
+    if WARM or MAY_BE_EMPTY:
+        first = n_chunks > 0  # (a row of no chunk: nothing may be left in flight)
+    else:
+        first = True
+    _issue(k_desc, row0, col_k, bar_k.index(0), k_smem.index(0), first)
     if not MAP:
-        _issue(q_desc, row0, col_k, bar_q, q_all.index(0), True)
-    _issue(v_desc, row0, col_v, bar_v, v_all.index(0), has_v)  # M's columns start from v = 0
-    mbarrier.expect(bar_t, 2 * t_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(t_desc, [row0, col_th], bar_t, th_all.index(0))
-    tma.async_copy_global_to_shared(t_desc, [row0, col_tl], bar_t, tl_all.index(0))
+        _issue(q_desc, row0, col_k, bar_q, q_all.index(0), first)
+    _issue(v_desc, row0, col_v, bar_v, v_all.index(0), has_v & first)  # M's columns start from v = 0
+    mbarrier.expect(bar_t, 2 * t_desc.block_type.nbytes, pred=first)
+    tma.async_copy_global_to_shared(t_desc, [row0, col_th], bar_t, th_all.index(0), pred=first)
+    tma.async_copy_global_to_shared(t_desc, [row0, col_tl], bar_t, tl_all.index(0), pred=first)
 
     s_hi, s_lo = _hi_lo(state, PACKED_SPLIT)
     sh_all.index(0).store(s_hi)
@@ -171,7 +186,7 @@ def _recurrence_kernel(
     gl.thread_barrier()
 
     for c in range(n_chunks):
-        t0 = t_start + c * C
+        t0 = t_begin + c * C
         row = row0 + c * C
         more = c + 1 < n_chunks
         buf = c % 2
@@ -353,27 +368,31 @@ def descriptors(q, k, v, tinv) -> tuple:
 
 
 def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps: int, hv: int, group: int,
-             packed_split: bool = True, descs=None):
+             packed_split: bool = True, descs=None, warm=None):
     """The affine state map (M, D) of each partition in `maps` but the last of a sequence:
     map_d [maps, HV, K, V], map_m [maps, HV, K, K] are written. `descs`: `descriptors(q, k,
-    v, tinv)` when the caller has them."""
+    v, tinv)` when the caller has them. `warm`: chunk._warm_start_kernel's table, or None
+    (every map in full)."""
     dk, dv = q.shape[3], v.shape[3]
     _recurrence_kernel[(num_maps * hv * (dv // BLOCK_V + dk // BLOCK_V),)](
-        *(descs or descriptors(q, k, v, tinv)), gcum, None, None, None, map_d, map_m, maps, *gcum.stride()[:3], 0, 0, 0,
-        1.0, q.shape[1],
+        *(descs or descriptors(q, k, v, tinv)), gcum, None, None, None, map_d, map_m, maps, warm, *gcum.stride()[:3],
+        0, 0, 0, 1.0, q.shape[1],
         HV=hv, GROUP=group, K=dk, V=dv, MAP=True, HAS_STATE_IN=False, PARTITIONED=True, STORE_FINAL=False,
-        PACKED_SPLIT=packed_split, num_warps=NUM_WARPS,
+        PACKED_SPLIT=packed_split, WARM=warm is not None, num_warps=NUM_WARPS,
     )
 
 
 def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts: int, partitioned: bool, scale: float,
-                hv: int, group: int, packed_split: bool = True, descs=None, split_qs: bool = True):
+                hv: int, group: int, packed_split: bool = True, descs=None, split_qs: bool = True,
+                may_be_empty: bool = False):
     """Launch over `num_parts` partitions (rows of `parts`); o and final are written. `descs`:
-    `descriptors(q, k, v, tinv)` when the caller has them."""
+    `descriptors(q, k, v, tinv)` when the caller has them. `may_be_empty`: rows of no chunk
+    may come (they store their start state as the final one)."""
     dk, dv = q.shape[3], v.shape[3]
     _recurrence_kernel[(num_parts * hv * (dv // BLOCK_V),)](
-        *(descs or descriptors(q, k, v, tinv)), gcum, o, state_in, final, None, None, parts, *gcum.stride()[:3],
+        *(descs or descriptors(q, k, v, tinv)), gcum, o, state_in, final, None, None, parts, None, *gcum.stride()[:3],
         *o.stride()[:3], scale, q.shape[1],
         HV=hv, GROUP=group, K=dk, V=dv, MAP=False, HAS_STATE_IN=state_in is not None, PARTITIONED=partitioned,
-        STORE_FINAL=final is not None, PACKED_SPLIT=packed_split, SPLIT_QS=split_qs, num_warps=NUM_WARPS,
+        STORE_FINAL=final is not None, PACKED_SPLIT=packed_split, SPLIT_QS=split_qs, MAY_BE_EMPTY=may_be_empty,
+        num_warps=NUM_WARPS,
     )

@@ -66,7 +66,7 @@ def test_short_and_edge_lengths(seq_len, seed, device):
     check(case, *run(case))
 
 
-@pytest.mark.parametrize("lead", [False, True])
+@pytest.mark.parametrize("lead", [False, True, "adaptive"])
 @pytest.mark.parametrize("partition_chunks", [1, 2])
 @pytest.mark.parametrize("kind", ["random", "large_initial_state", "strong_decay", "near_identical_keys"])
 def test_partitioned_is_exact(kind, partition_chunks, lead, seed, device, monkeypatch):
@@ -82,7 +82,7 @@ def test_partitioned_is_exact(kind, partition_chunks, lead, seed, device, monkey
     assert rel_l2(o, o1) <= 1e-5 and rel_l2(s, s1) <= 1e-5
 
 
-@pytest.mark.parametrize("lead", [False, True])
+@pytest.mark.parametrize("lead", [False, True, "adaptive"])
 @pytest.mark.parametrize("partition_chunks", [1, 2])
 def test_partitioned_varlen(partition_chunks, lead, seed, device, monkeypatch):
     """Partitions never cross sequences; empty and 1-token sequences pass through (with the
@@ -93,6 +93,181 @@ def test_partitioned_varlen(partition_chunks, lead, seed, device, monkeypatch):
     monkeypatch.setitem(tc.TUNING, "lead_partition", lead)
     case = make_case("varlen", torch.float32, device, seed=seed, value_heads=4)
     check(case, *run(case, partition_chunks))
+
+
+class _WarmSpy:
+    """Runs `_warm_start_kernel` and keeps each launch's (bounds, map rows, table)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.tables = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(bound, maps, warm, *args, **kwargs):
+            self.kernel[grid](bound, maps, warm, *args, **kwargs)
+            self.tables.append((bound.clone(), maps.clone(), warm.clone()))
+        return launch
+
+
+def _map_bounds(case):
+    """log2 of each token's map-norm bound, e^{g_t} max(1, |1 - beta_t |k_t|^2|), in fp64:
+    [B, T, HV] (k as the kernel reads it: rounded to the input dtype, grouped heads expanded)."""
+    hv = case.v.shape[2]
+    k = case.k.double().repeat_interleave(hv // case.k.shape[2], dim=2)
+    norm2 = (k * k).sum(-1)
+    growth = torch.log2(torch.clamp((1.0 - case.beta.double() * norm2).abs(), min=1.0))
+    return case.g.double() / torch.log(torch.tensor(2.0, dtype=torch.float64)) + growth
+
+
+def _expected_warm(token_bounds, maps, limit):
+    """The table `_warm_start_kernel` must give, from fp64 bounds: per map row and head, (the
+    last chunk j whose suffix of chunk bounds is <= limit, or the start; M negligible?), and a
+    margin: how far the deciding suffixes are from the limit (fp32 sums may differ there)."""
+    rows = []
+    for b, t0, t1, *_ in maps.tolist():
+        chunk = torch.stack([token_bounds[b, c:min(c + 64, t1)].sum(0) for c in range(t0, t1, 64)])  # [n, HV]
+        suffix = chunk.flip(0).cumsum(0).flip(0)
+        heads = []
+        for h in range(chunk.shape[1]):
+            ok = (suffix[:, h] <= limit).nonzero()
+            j = int(ok.max()) if len(ok) else 0
+            heads.append((t0 + 64 * j, int(suffix[0, h] <= limit), float((suffix[:, h] - limit).abs().min())))
+        rows.append(heads)
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["strong_decay", "mixed_heads", "growing_keys"])
+def test_negligible_maps(kind, seed, device, monkeypatch):
+    """The map pass skips only what the gates provably damp below fp32: M where the bound on its
+    norm (decay and the keys' growth |1 - beta |k|^2|, chunk by chunk) is under 2^-300, D's
+    run from the last chunk where that holds. The table matches an fp64 computation of the
+    bound; the skips happen (strong decay) and are exact (the oracle, and the full maps);
+    keys whose map grows are never skipped, though their decay alone would say so (and
+    skipping them everywhere is visibly wrong: the case can tell)."""
+    from flashdelta.triton import chunk as tc
+
+    monkeypatch.setitem(tc.TUNING, "lead_partition", False)
+    if kind == "growing_keys":
+        # |k|^2 = 34, beta = 1: each token's map has the eigenvalue -33 along k, decay e^-3.5
+        # (e^-3.5 x 33 = 0.996): the decay alone bounds a chunk by 2^-323 (negligible), with the
+        # growth by ~2^0: what enters a partition leaves it almost undamped along k
+        case = make_case("random", torch.float32, device, seed=seed, seq_len=256)
+        base = torch.nn.functional.normalize(torch.randn(1, 1, 2, 32, generator=torch.Generator().manual_seed(seed)),
+                                             dim=-1).to(device)
+        case.k = torch.nn.functional.normalize(base + 1e-3 * torch.randn_like(case.k), dim=-1) * 34**0.5
+        case.g = torch.full_like(case.g, -3.5)
+        case.beta = torch.ones_like(case.beta)
+        case.kwargs["initial_state"] = torch.randn(2, 2, 32, 32, device=device)
+        partition_chunks = 1
+    else:
+        case = make_case("strong_decay" if kind == "strong_decay" else "random", torch.float32, device, seed=seed,
+                         seq_len=300)
+        if kind == "mixed_heads":  # head 0 strong (-6 per token), head 1 moderate: one skips, one does not
+            case.g[..., 0] = -6.0 * torch.rand_like(case.g[..., 0]) - 3.0
+        partition_chunks = 2
+    spy = _WarmSpy(tc._warm_start_kernel)
+    monkeypatch.setattr(tc, "_warm_start_kernel", spy)
+    o, s = run(case, partition_chunks)
+    if kind != "growing_keys":
+        check(case, o, s)
+    ((bound, maps, warm),) = spy.tables
+    expected = _expected_warm(_map_bounds(case), maps.cpu(), tc.NEGLIGIBLE_LOG2)
+    got = warm.cpu().tolist()
+    for row, want in zip(got, expected):
+        for (start, skip), (start_ref, skip_ref, margin) in zip(row, want):
+            if margin > 1e-3:  # fp32 against fp64 sums: a tie may go either way (both are exact)
+                assert (start, skip) == (start_ref, skip_ref), (row, want)
+    skips = warm[..., 1].flatten().tolist()
+    if kind == "strong_decay":
+        assert all(skips)
+    elif kind == "mixed_heads":
+        assert all(warm[:, 0, 1].tolist()) and not any(warm[:, 1, 1].tolist())
+    else:
+        assert not any(skips)
+    monkeypatch.setitem(tc.TUNING, "skip_negligible_maps", False)
+    o1, s1 = run(case, partition_chunks)
+    assert rel_l2(o, o1) <= 1e-5 and rel_l2(s, s1) <= 1e-5
+    if kind == "growing_keys":
+        # nothing skipped: the very same products as the full maps, bitwise; as exact as they are
+        # (this map of eigenvalue ~ -1 under strong decay is ill-conditioned: the GPU's 3xTF32
+        # products reach 2.7e-5 on it, the interpreter's fp32 ones < 1e-5; NOTES.md v5.0)
+        assert torch.equal(o, o1) and torch.equal(s, s1)
+        o_ref, s_ref = oracle(case)
+        assert rel_l2(o, o_ref) <= max(case.tolerance, rel_l2(o1, o_ref))
+        assert rel_l2(s, s_ref) <= max(case.tolerance, rel_l2(s1, s_ref))
+        monkeypatch.setitem(tc.TUNING, "skip_negligible_maps", True)
+        monkeypatch.setattr(tc, "NEGLIGIBLE_LOG2", 1e9)  # every map dropped: the answer must change
+        o2, s2 = run(case, partition_chunks)
+        o_ref, s_ref = oracle(case)
+        assert rel_l2(s2, s_ref) > 1e-2, rel_l2(s2, s_ref)
+
+
+class _ChooseSpy:
+    """Runs `_choose_plan_kernel` and keeps the rows it chose."""
+
+    def __init__(self, kernel):
+        self.kernel, self.rows = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(warm_ab, rows_a, rows_b, rows, *args, **kwargs):
+            self.kernel[grid](warm_ab, rows_a, rows_b, rows, *args, **kwargs)
+            self.rows.append((rows_a.clone(), rows_b.clone(), rows.clone()))
+        return launch
+
+
+@pytest.mark.parametrize("slots", [0, 16, 10**6])
+@pytest.mark.parametrize("kind", ["strong_decay", "random", "varlen"])
+def test_adaptive_plan(kind, slots, seed, device, monkeypatch):
+    """The lead plan or its empty-lead form (the same grids: the lead rows run no chunk and pass
+    the initial state on, the other partitions cover the sequence), chosen on the device: the
+    empty leads where the map pass then fits in one round of `slots` programs, counting the M
+    programs the gates leave. At T = 300, 64-token partitions, 2 sequences x 2 heads: 6 maps x
+    2 heads of D (one column block each) and of M; strong decay leaves no M: 12 <= 16, the
+    moderate decay of "random" all 12: 24 > 16. Either plan is exact; outputs poisoned."""
+    from flashdelta.triton import chunk as tc
+
+    monkeypatch.setitem(tc.TUNING, "lead_partition", "adaptive")
+    monkeypatch.setattr(tc, "map_pass_slots", lambda device: slots)
+    spy = _ChooseSpy(tc._choose_plan_kernel)
+    monkeypatch.setattr(tc, "_choose_plan_kernel", spy)
+    case = make_case(kind, torch.float32, device, seed=seed, seq_len=300, value_heads=2)
+    o, s = run(case, 1)
+    check(case, o, s)
+    ((rows_a, rows_b, rows),) = spy.rows
+    assert not torch.equal(rows_a, rows_b)
+    # varlen (1 to 130 tokens, 2 value heads): only the 130-token sequence has a map (lead + 2
+    # partitions), its M kept by the moderate decay: 2 + 2 programs
+    need = {"strong_decay": 12, "random": 24, "varlen": 4}[kind]
+    assert torch.equal(rows, rows_b if slots >= need else rows_a), (slots, rows)
+    o1, s1 = run(case, partition_chunks=10**6)
+    assert rel_l2(o, o1) <= 1e-5 and rel_l2(s, s1) <= 1e-5
+
+
+def test_adaptive_plan_rows():
+    """`_plan(adaptive=True)`: plan B has plan A's row counts, empty leads that pass the
+    initial state to the second slot, and near-equal partitions covering each split sequence
+    (chunk-aligned); maps cover all its partitions but the last; unsplit sequences keep their row."""
+    from flashdelta.triton import chunk as tc
+
+    seqs = ((0, 0, 640), (0, 640, 700), (0, 700, 1213))  # 10, 1 and 9 chunks
+    plan = tc._plan(seqs, 4, torch.device("cpu"), True, True)
+    n_l, n_m, n_p = plan["num_leads"], plan["num_maps"], plan["num_parts"]
+    a, b = plan["rows_a"].tolist(), plan["rows_b"].tolist()
+    assert len(a) == len(b) == n_l + n_m + n_p and (n_l, n_m, n_p) == (2, 2, 5)
+    leads, maps, parts = b[:n_l], b[n_l:n_l + n_m], b[n_l + n_m:]
+    assert sorted(leads) == [[0, 0, 0, 1, 0, 1], [0, 700, 700, 5, 2, 1]]  # empty, end state -> slot 1 / 5
+    by_seq = {}
+    for r in parts:
+        by_seq.setdefault(r[3], []).append(r)
+    for n, (_, start, end) in enumerate(seqs):
+        rows = sorted(by_seq[n], key=lambda r: r[1])
+        assert rows[0][1] == start and rows[-1][2] == end
+        assert all(x[2] == y[1] and (x[2] - start) % 64 == 0 for x, y in zip(rows, rows[1:]))
+        assert [r[5] for r in rows] == [0] * (len(rows) - 1) + [1]
+    # 10 chunks: A's lead + 2 partitions of 4, 2 chunks; B's 2 of 5. 9 chunks: 4, 4, 1; B's 4, 5
+    assert sorted((r[1], r[2]) for r in by_seq[0]) == [(0, 320), (320, 640)]
+    assert sorted((r[1], r[2]) for r in by_seq[2]) == [(700, 956), (956, 1213)]
+    assert sorted((r[1], r[2], r[4]) for r in maps) == [(0, 320, 0), (700, 956, 1)]
+    assert plan["maps_ab"].shape == (2 * n_m, 6)
 
 
 def test_deterministic(seed, device):

@@ -79,8 +79,12 @@ def test_map_pass_binds_its_arguments(monkeypatch):
     map_d = torch.empty(5, 4, 128, 64)
     map_m = torch.empty(5, 4, 128, 128)
     maps = torch.zeros(5, 6, dtype=torch.int32)
+    warm = torch.zeros(5, 4, 2, dtype=torch.int32)
     chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, 5, 4, 2, True)
-    ((grid, _, a),) = rec.calls
+    chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, 5, 4, 2, True, warm=warm)
+    ((grid, _, a), (_, _, a_warm)) = rec.calls
+    assert a["warm_ptr"] is None and a["WARM"] is False
+    assert a_warm["warm_ptr"] is warm and a_warm["WARM"] is True
     assert a["PACKED_SPLIT"] is True
     assert grid == (5 * 4 * (64 // chunk_sm90.BLOCK_V + 128 // chunk_sm90.BLOCK_V),)  # D's column blocks, then M's
     _check_tiles(a, q, k, v, tinv)
@@ -97,15 +101,16 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, devic
     inverse's T_u pair and gate sums, the maps' buffers and the chain's starts."""
     calls = {}
 
-    def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps, hv, group, packed_split, descs):
+    def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps, hv, group, packed_split, descs, warm):
         calls["map_descs"] = descs
+        calls["warm"] = None if warm is None else warm.shape
         calls["map"] = dict(gcum=gcum.shape, tinv=(tinv.shape, tinv.dtype), map_d=map_d.shape, map_m=map_m.shape,
                             maps=maps.shape, num_maps=num_maps, hv=hv, group=group)
         map_d.zero_()
         map_m.zero_()
 
     def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts, partitioned, scale, hv, group,
-                    packed_split, descs, split_qs):
+                    packed_split, descs, split_qs, may_be_empty=False):
         calls["out_descs"] = descs
         calls["split_qs"] = split_qs
         calls["out"] = dict(state_in=None if state_in is None else state_in.shape, final=final.shape,
@@ -126,6 +131,8 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, devic
         assert calls["map"] == dict(gcum=(bsz, t_len, 4, 2), tinv=((bsz, t_len, 8, 64), torch.bfloat16),
                                     map_d=(3 * bsz, 4, 128, 128), map_m=(3 * bsz, 4, 128, 128),
                                     maps=(3 * bsz, 6), num_maps=3 * bsz, hv=4, group=2)
+        # the warm-start table (skip_negligible_maps): per map row and value head
+        assert calls["warm"] == ((3 * bsz, 4, 2) if tc.TUNING["skip_negligible_maps"] else None)
         assert calls["out"]["state_in"] == (4 * bsz, 4, 128, 128) and calls["out"]["partitioned"]
         assert calls["out"]["num_parts"] == 4 * bsz
     else:  # one partition per sequence: no maps, no starts

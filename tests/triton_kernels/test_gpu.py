@@ -51,10 +51,11 @@ def test_adversarial_bf16_exactness(kind):
         assert err_s <= max(rel_l2(s_f, s_ref), 1e-6) * 1.05 or err_s <= 1e-5
 
 
-@pytest.mark.parametrize("lead", [None, False, True])
+@pytest.mark.parametrize("lead", [None, False, True, "adaptive"])
 @pytest.mark.parametrize("partition_chunks", [None, 4, 10**6])
 def test_bitwise_deterministic(partition_chunks, lead, monkeypatch):
-    """Three runs, bitwise equal; the lead pass runs on its own stream beside the map pass."""
+    """Three runs, bitwise equal; the lead pass runs on its own stream beside the map pass
+    ("adaptive": under these strong gates the device takes the empty leads)."""
     from flashdelta.triton import chunk as tc
 
     monkeypatch.setitem(tc.TUNING, "lead_partition", lead)
@@ -66,15 +67,17 @@ def test_bitwise_deterministic(partition_chunks, lead, monkeypatch):
         assert torch.equal(o, runs[0][0]) and torch.equal(s, runs[0][1])
 
 
-@pytest.mark.parametrize("lead", [False, True])
+@pytest.mark.parametrize("gate", ["weak", "strong"])
+@pytest.mark.parametrize("lead", [False, True, "adaptive"])
 @pytest.mark.parametrize("value_heads, varlen", [(16, False), (32, True)])
-def test_partitioned_equals_single_partition_long(lead, value_heads, varlen, monkeypatch):
+def test_partitioned_equals_single_partition_long(lead, value_heads, varlen, gate, monkeypatch):
     """Partitions (the chain, or the lead pass and the chain from its end state) give the
-    one-partition answer at 32K tokens, with an initial state; outputs poisoned first."""
+    one-partition answer at 32K tokens, with an initial state; outputs poisoned first. Strong
+    gates: negligible maps skipped (and with "adaptive", empty leads)."""
     from flashdelta.triton import chunk as tc
 
     monkeypatch.setitem(tc.TUNING, "lead_partition", lead)
-    shape = Shape("prefill", "t", [20000, 12768] if varlen else [32768], 16, value_heads, gate="weak",
+    shape = Shape("prefill", "t", [20000, 12768] if varlen else [32768], 16, value_heads, gate=gate,
                   varlen=varlen)
     args, kw = make_inputs(shape, "cuda", seed=5)
     cu = kw.get("cu_seqlens")
