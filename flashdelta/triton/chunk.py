@@ -700,12 +700,17 @@ TUNING = {
 _SIDE_STREAMS: dict = {}
 
 
+def _sms(device: torch.device) -> int:
+    """SMs of a CUDA device (its index, or the current device's)."""
+    return sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def map_pass_slots(device: torch.device) -> int:
     """Map programs that run at once: two per SM (both map passes: 180-188 registers, 88-105 KB
     of shared memory); 0 off CUDA (`_choose_plan_kernel` then keeps the lead plan)."""
     if device.type != "cuda":
         return 0
-    return 2 * sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 2 * _sms(device)
 
 
 def _side_stream(device: torch.device):
@@ -740,7 +745,7 @@ def auto_partition_chunks(chunk_counts: list[int], hv: int, nvb: int, device: to
     longest = max(chunk_counts + [1])
     if device.type != "cuda":
         return longest  # CPU / interpreter: no parallelism to win
-    slots = programs_per_sm * sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    slots = programs_per_sm * _sms(device)
     per_partition = hv * nvb
     if len(chunk_counts) * per_partition >= slots:
         return longest
@@ -785,7 +790,7 @@ def auto_partitions(chunk_counts: list[int], hv: int, nvb: int, nkb: int, device
     longest = max(chunk_counts + [1])
     if device.type != "cuda" or size >= longest or lead is False:
         return size, False
-    slots = programs_per_sm * sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    slots = programs_per_sm * _sms(device)
     lo, hi = 1, longest
     while lo < hi:  # the rows left count c - 1 per sequence of c > 1 partitions: falls as the size grows
         mid = (lo + hi) // 2
@@ -995,7 +1000,8 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     sm90 = TUNING["gluon_sm90"] and chunk_sm90 is not None and chunk_sm90.may_run(q, v, use_qk_l2norm)
     per_sm_rule = chunk_sm90.PROGRAMS_PER_SM if sm90 else 2
     lead = TUNING["lead_partition"]  # None: the model decides; True / False forces (A/B checks, tests)
-    adaptive = lead == "adaptive" or (lead is None and TUNING["skip_negligible_maps"])
+    # "adaptive" (or None with the skip on): the GPU picks the lead plan or its empty-lead form
+    adaptive = TUNING["skip_negligible_maps"] and lead in ("adaptive", None)
     if lead == "adaptive":
         lead = True
     if partition_chunks is None:
@@ -1003,20 +1009,17 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     else:
         partition_chunks = max(1, min(int(partition_chunks), longest))
         if lead is None:  # the model at the caller's size (off CUDA: the plain plan)
-            slots = per_sm_rule * sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-                if device.type == "cuda" else 0
+            slots = per_sm_rule * _sms(device) if device.type == "cuda" else 0
             lead = slots > 0 and (predicted_cost(chunk_counts, partition_chunks, True, hv, nvb, nkb, slots)
                                   < predicted_cost(chunk_counts, partition_chunks, False, hv, nvb, nkb, slots))
-    plan = _plan(seqs, partition_chunks, device, bool(lead), False)
     # the lead plan where the model takes it, or its empty-lead form where the gates make the
     # maps cheap: chosen on the GPU (`_choose_plan_kernel`), no sync
-    adaptive = adaptive and bool(lead) and plan["num_maps"] > 0 and TUNING["skip_negligible_maps"]
-    if adaptive:
-        plan = _plan(seqs, partition_chunks, device, True, True)
+    adaptive = adaptive and bool(lead)
+    plan = _plan(seqs, partition_chunks, device, bool(lead), adaptive)
+    adaptive = adaptive and plan["num_maps"] > 0
     per_sm = 1.0
     if device.type == "cuda":
-        per_sm = plan["num_parts"] * hv * nvb / sm_count(device.index if device.index is not None
-                                                          else torch.cuda.current_device())
+        per_sm = plan["num_parts"] * hv * nvb / _sms(device)
     cfg = launch_config(q.dtype, dk, dv, group, hv, use_qk_l2norm, per_sm)
 
     o = out if out is not None else torch.empty(bsz, t_len, hv, dv, dtype=q.dtype, device=device)
