@@ -5,11 +5,12 @@
 Each row enqueues N calls back to back and divides the wall time by N (the GPU work of a
 B = 1 decode step, ~3 us, is shorter than any row, so the host is what is timed). Decode
 rows: the public entry point; its validation alone; the Triton wrapper without validation
-(allocation, launch config, launch); the bare kernel launch with its arguments prepared;
+(allocation, launch config, launch); the entry point with every launch through Triton
+(`fast_launch` off: launch.py); the bare kernel launch with its arguments prepared;
 `torch.empty` of o; FLA's calls on the same inputs where FLA is installed. The bare launch
-repeats the wrapper's argument list (a signature change breaks it loudly). One prefill row
-(1x8K, 16 heads): the entry point's host time per call beside its do_bench time: where the
-first is the larger, the eager call is host-bound.
+repeats the wrapper's argument list (a signature change breaks it loudly). Prefill rows
+(1x2K and 1x8K, 16 heads), with `fast_launch` off and on: the entry point's host time per call
+beside its do_bench time: where the first is the larger, the eager call is host-bound.
 
 `--prefill-profile`: only the prefill, split further: each Triton launch's host time (the
 jit function's `run`, timed around the call), and cProfile's top functions over many calls.
@@ -55,8 +56,17 @@ def main():
                 *q.stride(), *k.stride(), *v.stride(), *a.stride(), *b.stride(), *o.stride()[:3],
                 *pool.stride(), 0, 0, 0, 0, scale, 1.0, 20.0, 1, pool.shape[0])
         const = dict(GROUP=2, K=128, V=128, VARLEN=False, L2NORM=True, STORE_INTER=False, WHILE_LOOPS=False, **cfg)
+        def through_triton(fn):  # TUNING["fast_launch"] off for one call
+            def call():
+                td.TUNING["fast_launch"] = False
+                try:
+                    return fn()
+                finally:
+                    td.TUNING["fast_launch"] = True
+            return call
         rows = {
             "flashdelta entry point (check_indices=False)": lambda: _decode_step("triton")(d),
+            "  the same, fast_launch off": through_triton(lambda: _decode_step("triton")(d)),
             "  validation only": lambda: api.validate(q, k, v, a, b, None, None, None, gate_names=("a", "b")),
             "  Triton wrapper (no validation)": lambda: td.sigmoid_gating_delta_rule_update(
                 d["A_log"], a, d["dt_bias"], 1.0, 20.0, q, k, v, b, pool, idx, scale, True, None, False, None),
@@ -67,10 +77,13 @@ def main():
         rows.update({f"{p.name} (peer)": (lambda p=p: p.decode(d)) for p in peers if p.decode is not None})
         for name, fn in rows.items():
             print(f"B={batch:<4} {name:48} {per_call_us(fn):7.1f} us", flush=True)
-    args, kw = make_inputs(Shape("prefill", "1x8K", [8192], 16, 16), "cuda")
-    prefill = lambda: api.chunk_gated_delta_rule(*args, output_final_state=True, backend="triton", **kw)  # noqa: E731
-    print(f"1x8K prefill entry point, host per call {per_call_us(prefill, 20):7.1f} us; "
-          f"do_bench {1e3 * triton.testing.do_bench(prefill, return_mode='median'):7.1f} us", flush=True)
+    for name, lens in (("1x2K", [2048]), ("1x8K", [8192])):
+        args, kw = make_inputs(Shape("prefill", name, lens, 16, 16), "cuda")
+        prefill = lambda: api.chunk_gated_delta_rule(*args, output_final_state=True, backend="triton", **kw)  # noqa: E731,E501
+        for fast in (False, True):
+            tc.TUNING["fast_launch"] = fast
+            print(f"{name} prefill entry point, fast_launch {fast!s:5}: host per call {per_call_us(prefill, 50):7.1f} us; "
+                  f"do_bench {1e3 * triton.testing.do_bench(prefill, return_mode='median'):7.1f} us", flush=True)
 
 
 def launch_parts(call, n=300):
@@ -125,7 +138,9 @@ def launch_parts(call, n=300):
 
 
 def prefill_profile(n=200):
-    """Host microseconds of one 1x8K prefill call, per Triton launch and per Python function."""
+    """Host microseconds of one 1x8K prefill call, per Triton launch and per Python function
+    (every launch through Triton: TUNING["fast_launch"] off, so that its parts can be timed)."""
+    tc.TUNING["fast_launch"] = False
     args, kw = make_inputs(Shape("prefill", "1x8K", [8192], 16, 16), "cuda")
     prefill = lambda: api.chunk_gated_delta_rule(*args, output_final_state=True, backend="triton", **kw)  # noqa: E731
     spent = {}

@@ -63,6 +63,7 @@ VARIANTS = [
     {"block_v_chain": 32},  # 38: v4.5-v4.8's chain programs (16 columns since v4.9)
     {"skip_negligible_maps": False},  # 39: every map in full (v4.9)
     {"skip_negligible_maps": False, "lead_partition": False},  # 40: v4.9 on the plain plan
+    {"fast_launch": False},  # 41: every launch through Triton's binder (host time; launch.py)
 ]
 SHAPES = [("1x8K 16/16", [8192], 16, 16), ("1x32K 16/16", [32768], 16, 16), ("8x4K 16/32", [4096] * 8, 16, 32)]
 ERROR_KINDS = ["random", "near_identical_keys", "strong_decay", "zero_decay", "large_initial_state"]

@@ -34,6 +34,7 @@ try:  # Gluon (Triton's explicit layer, Hopper): the output pass where it covers
     from . import chunk_sm90
 except ImportError:  # a Triton without Gluon
     chunk_sm90 = None
+from .launch import call_sites, launch
 from .common import (PRECISIONS, cdiv, dot_dtype, hi_lo, interpreting, mm, mm_split_ab, mm_split_b,
                      next_power_of_2, sm_count)
 
@@ -694,6 +695,10 @@ TUNING = {
     # where its norm bound is under 2^-300, D run from the chunk where that holds
     # (`_warm_start_kernel`); False runs every map in full (A/B checks)
     "skip_negligible_maps": True,
+    # repeated call layouts launch their compiled kernels without Triton's per-launch binding
+    # (launch.py: 25-65 us of host time per launch on the H100 machine); False: every launch
+    # through Triton (A/B checks)
+    "fast_launch": True,
 }
 
 
@@ -970,29 +975,12 @@ def _tma_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, output_final_state=False,
-                               cu_seqlens=None, use_qk_l2norm=False, seq_offsets=None,
-                               partition_chunks: int | None = None,
-                               out: torch.Tensor | None = None, final_state_out: torch.Tensor | None = None):
-    """Validated inputs in the public layout. Returns (o [B, T, HV, V], final state or None).
-
-    `seq_offsets`: cu_seqlens already read on the host (validation's copy), else read here.
-    `partition_chunks`: chunks per sequence partition (None: `auto_partitions`; a value >= the
-    longest sequence's chunk count means one partition per sequence). Whether each long
-    sequence's first partition runs in the lead pass, beside the map pass: TUNING
-    "lead_partition" (None: `predicted_cost` decides).
-    `out`, `final_state_out`: optional preallocated outputs (the tests poison them).
-    """
-    bsz, t_len, _, dk = q.shape
-    hv, dv = v.shape[2], v.shape[3]
-    group = hv // q.shape[2]
+def _setup(q, k, v, seqs: tuple, use_qk_l2norm: bool, partition_chunks: int | None) -> tuple:
+    """The host's decisions for one call layout: (plan, launch config, recurrence constexprs
+    with the TMA choice, whether the Gluon passes run, nvb, adaptive). A function of what the
+    call's layout key holds (`launch.call_sites`), so a repeated layout takes them from its table."""
+    dk, hv, dv = q.shape[3], v.shape[2], v.shape[3]
     device = q.device
-    if cu_seqlens is not None:
-        cu = list(seq_offsets) if seq_offsets is not None else [int(x) for x in cu_seqlens.tolist()]
-        seqs = tuple((0, cu[i], cu[i + 1]) for i in range(len(cu) - 1))
-    else:
-        seqs = tuple((b, 0, t_len) for b in range(bsz))
-    num_seqs = len(seqs)
     bv = _block_v(dk, dv, TUNING["block_v"])
     nvb, nkb = cdiv(dv, bv), cdiv(dk, bv)
     chunk_counts = [cdiv(e - s, CHUNK_SIZE) for _, s, e in seqs]
@@ -1020,8 +1008,50 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     per_sm = 1.0
     if device.type == "cuda":
         per_sm = plan["num_parts"] * hv * nvb / _sms(device)
-    cfg = launch_config(q.dtype, dk, dv, group, hv, use_qk_l2norm, per_sm)
+    cfg = launch_config(q.dtype, dk, dv, hv // q.shape[2], hv, use_qk_l2norm, per_sm)
+    rec = dict(cfg["recurrence"])
+    # (T_u, a fresh contiguous buffer of 64-column rows, is always TMA-readable)
+    operands = ((q, dk, rec["BK"]), (k, dk, rec["BK"]), (v, dv, rec["BV"]))
+    rec["TMA"] = rec["TMA"] and _tma_supported(device) and all(_tma_readable(*x) for x in operands)
+    rec["TMA_T"] = rec["TMA"] and rec["TMA_T"]
+    gluon = sm90 and chunk_sm90.supported(q, v, rec)
+    return plan, cfg, rec, gluon, nvb, adaptive
 
+
+def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, output_final_state=False,
+                               cu_seqlens=None, use_qk_l2norm=False, seq_offsets=None,
+                               partition_chunks: int | None = None,
+                               out: torch.Tensor | None = None, final_state_out: torch.Tensor | None = None):
+    """Validated inputs in the public layout. Returns (o [B, T, HV, V], final state or None).
+
+    `seq_offsets`: cu_seqlens already read on the host (validation's copy), else read here.
+    `partition_chunks`: chunks per sequence partition (None: `auto_partitions`; a value >= the
+    longest sequence's chunk count means one partition per sequence). Whether each long
+    sequence's first partition runs in the lead pass, beside the map pass: TUNING
+    "lead_partition" (None: `predicted_cost` decides).
+    `out`, `final_state_out`: optional preallocated outputs (the tests poison them).
+    """
+    bsz, t_len, _, dk = q.shape
+    hv, dv = v.shape[2], v.shape[3]
+    group = hv // q.shape[2]
+    device = q.device
+    scale = float(scale)  # (a Python int 1 would be specialised as a constant)
+    if cu_seqlens is not None:
+        cu = list(seq_offsets) if seq_offsets is not None else [int(x) for x in cu_seqlens.tolist()]
+        seqs = tuple((0, cu[i], cu[i + 1]) for i in range(len(cu) - 1))
+    else:
+        seqs = tuple((b, 0, t_len) for b in range(bsz))
+    num_seqs = len(seqs)
+    sites, device_index = call_sites(TUNING["fast_launch"], device, (q, k, v, g, beta, initial_state, out,
+                                                                      final_state_out),
+                                     "chunk", seqs, partition_chunks, bool(output_final_state), bool(use_qk_l2norm),
+                                     tuple(TUNING.items()))
+    setup = sites.get("setup") if sites is not None else None
+    if setup is None:
+        setup = _setup(q, k, v, seqs, use_qk_l2norm, partition_chunks)
+        if sites is not None:
+            sites["setup"] = setup
+    plan, cfg, rec, gluon, nvb, adaptive = setup
     o = out if out is not None else torch.empty(bsz, t_len, hv, dv, dtype=q.dtype, device=device)
     final = None
     if output_final_state:
@@ -1041,21 +1071,19 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     warm = plan["num_maps"] > 0 and TUNING["skip_negligible_maps"]
     bound = torch.empty(bsz, t_len, hv, dtype=torch.float32, device=device) if warm else gcum
 
-    _inverse_kernel[(plan["num_chunks"], hv)](
+    run = lambda name, fn, grid, *args, **kwargs: launch(sites, name, fn, grid, args, kwargs, device_index)  # noqa: E731
+    run("inverse", _inverse_kernel, (plan["num_chunks"], hv),
         k, g, beta, tinv, gcum, plan["chunks"], bound, *k.stride(), *g.stride(), *beta.stride(), *tinv.stride()[:3],
-        *gcum.stride()[:3], *bound.stride()[:3], DECAY_BOUND=warm, **cfg["inverse"],
-    )
+        *gcum.stride()[:3], *bound.stride()[:3], DECAY_BOUND=warm, **cfg["inverse"])
     strides = (*q.stride(), *k.stride(), *v.stride(), *gcum.stride()[:3], *tinv.stride()[:3], *o.stride()[:3])
-    rec = dict(cfg["recurrence"])
-    operands = ((q, dk, rec["BK"]), (k, dk, rec["BK"]), (v, dv, rec["BV"]), (tinv, CHUNK_SIZE, CHUNK_SIZE))
-    rec["TMA"] = rec["TMA"] and _tma_supported(device) and all(_tma_readable(*x) for x in operands)
-    rec["TMA_T"] = rec["TMA"] and rec["TMA_T"]
     # descriptors are built once per call, only for the passes that run (host time: ~3-14 us each)
-    gluon = sm90 and chunk_sm90.supported(q, v, rec)
     if gluon:
         gluon_descs = chunk_sm90.descriptors(q, k, v, tinv)
+        gluon_kw = dict(packed_split=TUNING["gluon_packed_split"], descs=gluon_descs, sites=sites,
+                        device_index=device_index)
     elif rec["TMA"]:
-        descs = [_tma_view(*x) for x in operands]
+        descs = [_tma_view(*x) for x in ((q, dk, rec["BK"]), (k, dk, rec["BK"]), (v, dv, rec["BV"]),
+                                         (tinv, CHUNK_SIZE, CHUNK_SIZE))]
         tiles = (*descs[:3], gcum, descs[3] if rec["TMA_T"] else tinv, o)
     else:
         tiles = (q, k, v, gcum, tinv, o)
@@ -1074,56 +1102,50 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
         if warm:
             map_rows = plan["maps_ab"] if adaptive else maps
             warm_table = torch.empty(map_rows.shape[0], hv, 2, dtype=torch.int32, device=device)
-            _warm_start_kernel[(map_rows.shape[0], hv)](
-                bound, map_rows, warm_table, *bound.stride(), HV=hv, LIMIT=NEGLIGIBLE_LOG2, BLOCK=64,
-            )
+            run("warm start", _warm_start_kernel, (map_rows.shape[0], hv),
+                bound, map_rows, warm_table, *bound.stride(), HV=hv, LIMIT=NEGLIGIBLE_LOG2, BLOCK=64)
         if adaptive:
             rows = torch.empty_like(plan["rows_a"])  # per call: the cached plan stays read-only
             warm_ab, warm_table = warm_table, torch.empty(plan["num_maps"], hv, 2, dtype=torch.int32, device=device)
-            _choose_plan_kernel[(1,)](
+            run("choose plan", _choose_plan_kernel, (1,),
                 warm_ab, plan["rows_a"], plan["rows_b"], rows, warm_table, rows.shape[0], plan["num_maps"],
-                HV=hv, NVB=nvb, NKB=nkb, SLOTS=map_pass_slots(device), BLOCK=256,
-            )
+                HV=hv, NVB=nvb, NKB=cfg["nkb"], SLOTS=map_pass_slots(device), BLOCK=256)
             leads, maps, parts = rows.split([plan["num_leads"], plan["num_maps"], plan["num_parts"]])
         if side is not None:
             side.wait_stream(torch.cuda.current_stream(device))
         if plan["num_leads"]:
             if gluon:
                 chunk_sm90.output_pass(q, k, v, gcum, tinv, o, h0, starts, leads, plan["num_leads"], True,
-                                       scale, hv, group, TUNING["gluon_packed_split"], descs=gluon_descs,
-                                       split_qs=TUNING["gluon_split_qs"], may_be_empty=adaptive)
+                                       scale, hv, group, split_qs=TUNING["gluon_split_qs"], may_be_empty=adaptive,
+                                       site="lead pass", **gluon_kw)
             else:
-                _recurrence_kernel[(plan["num_leads"] * hv * nvb,)](
+                run("lead pass", _recurrence_kernel, (plan["num_leads"] * hv * nvb,),
                     *tiles, h0, starts, None, None, leads, None, *strides, scale, t_len,
-                    MAP=False, PARTITIONED=True, HAS_STATE_IN=h0 is not None, STORE_FINAL=True, **rec,
-                )
+                    MAP=False, PARTITIONED=True, HAS_STATE_IN=h0 is not None, STORE_FINAL=True, **rec)
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             if plan["num_maps"] and gluon:
                 chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, plan["num_maps"], hv, group,
-                                    TUNING["gluon_packed_split"], descs=gluon_descs, warm=warm_table)
+                                    warm=warm_table, **gluon_kw)
             elif plan["num_maps"]:
-                _recurrence_kernel[(plan["num_maps"] * hv * (nvb + nkb),)](
+                run("map pass", _recurrence_kernel, (plan["num_maps"] * hv * (nvb + cfg["nkb"]),),
                     *tiles, None, None, map_d, map_m, maps, warm_table, *strides, scale, t_len,
                     MAP=True, PARTITIONED=True, HAS_STATE_IN=False, STORE_FINAL=False, WARM=warm,
-                    **{**rec, **cfg["map_launch"]},
-                )
+                    **{**rec, **cfg["map_launch"]})
         if side is not None:
             torch.cuda.current_stream(device).wait_stream(side)
-        _chain_kernel[(num_seqs, hv, cfg["nvb_chain"])](
+        run("chain", _chain_kernel, (num_seqs, hv, cfg["nvb_chain"]),
             map_d, map_m, h0, starts, plan["chains"], HAS_H0=h0 is not None, LEAD=plan["num_leads"] > 0,
-            **cfg["chain"],
-        )
+            **cfg["chain"])
         state_in = starts
     else:
         parts = plan["parts"]
     if gluon:
         chunk_sm90.output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, plan["num_parts"],
-                               partitioned, scale, hv, group, TUNING["gluon_packed_split"],
-                               descs=gluon_descs, split_qs=TUNING["gluon_split_qs"])
+                               partitioned, scale, hv, group, split_qs=TUNING["gluon_split_qs"], site="output pass",
+                               **gluon_kw)
         return o, final
-    _recurrence_kernel[(plan["num_parts"] * hv * nvb,)](
+    run("output pass", _recurrence_kernel, (plan["num_parts"] * hv * nvb,),
         *tiles, state_in, final, None, None, parts, None, *strides, scale, t_len,
         MAP=False, PARTITIONED=partitioned, HAS_STATE_IN=state_in is not None, STORE_FINAL=final is not None,
-        **rec,
-    )
+        **rec)
     return o, final

@@ -41,6 +41,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .common import HI_LO_BF16X2
+from .launch import launch
 
 CHUNK_SIZE = 64
 BLOCK_V = 64
@@ -368,31 +369,30 @@ def descriptors(q, k, v, tinv) -> tuple:
 
 
 def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps: int, hv: int, group: int,
-             packed_split: bool = True, descs=None, warm=None):
+             packed_split: bool = True, descs=None, warm=None, sites=None, device_index: int = 0):
     """The affine state map (M, D) of each partition in `maps` but the last of a sequence:
     map_d [maps, HV, K, V], map_m [maps, HV, K, K] are written. `descs`: `descriptors(q, k,
     v, tinv)` when the caller has them. `warm`: chunk._warm_start_kernel's table, or None
-    (every map in full)."""
+    (every map in full). `sites`: the call layout's compiled kernels (`launch.launch`)."""
     dk, dv = q.shape[3], v.shape[3]
-    _recurrence_kernel[(num_maps * hv * (dv // BLOCK_V + dk // BLOCK_V),)](
+    launch(sites, "map pass", _recurrence_kernel, (num_maps * hv * (dv // BLOCK_V + dk // BLOCK_V),), (
         *(descs or descriptors(q, k, v, tinv)), gcum, None, None, None, map_d, map_m, maps, warm, *gcum.stride()[:3],
-        0, 0, 0, 1.0, q.shape[1],
+        0, 0, 0, 1.0, q.shape[1]), dict(
         HV=hv, GROUP=group, K=dk, V=dv, MAP=True, HAS_STATE_IN=False, PARTITIONED=True, STORE_FINAL=False,
-        PACKED_SPLIT=packed_split, WARM=warm is not None, num_warps=NUM_WARPS,
-    )
+        PACKED_SPLIT=packed_split, WARM=warm is not None, num_warps=NUM_WARPS), device_index)
 
 
 def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts: int, partitioned: bool, scale: float,
                 hv: int, group: int, packed_split: bool = True, descs=None, split_qs: bool = True,
-                may_be_empty: bool = False):
+                may_be_empty: bool = False, sites=None, device_index: int = 0, site: str = "output pass"):
     """Launch over `num_parts` partitions (rows of `parts`); o and final are written. `descs`:
     `descriptors(q, k, v, tinv)` when the caller has them. `may_be_empty`: rows of no chunk
-    may come (they store their start state as the final one)."""
+    may come (they store their start state as the final one). `sites`, `site`: the call
+    layout's compiled kernels and this launch's name in them (`launch.launch`)."""
     dk, dv = q.shape[3], v.shape[3]
-    _recurrence_kernel[(num_parts * hv * (dv // BLOCK_V),)](
+    launch(sites, site, _recurrence_kernel, (num_parts * hv * (dv // BLOCK_V),), (
         *(descs or descriptors(q, k, v, tinv)), gcum, o, state_in, final, None, None, parts, None, *gcum.stride()[:3],
-        *o.stride()[:3], scale, q.shape[1],
+        *o.stride()[:3], scale, q.shape[1]), dict(
         HV=hv, GROUP=group, K=dk, V=dv, MAP=False, HAS_STATE_IN=state_in is not None, PARTITIONED=partitioned,
         STORE_FINAL=final is not None, PACKED_SPLIT=packed_split, SPLIT_QS=split_qs, MAY_BE_EMPTY=may_be_empty,
-        num_warps=NUM_WARPS,
-    )
+        num_warps=NUM_WARPS), device_index)

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .common import cdiv, interpreting, next_power_of_2, sm_count
+from .launch import call_sites, launch
 from .recurrent import delta_step, load_token, sequence_bounds
 
 
@@ -100,7 +101,9 @@ def _decode_kernel(
 
 # Launch choices, measured on the GPU (benchmarks/decode_variants.py, NOTES.md); None: the
 # rule in `launch_config`.
-TUNING = {"block_v": None, "num_warps": None, "maxnreg": None}
+# fast_launch: a repeated call layout launches its compiled kernel directly (launch.py); False:
+# through Triton every time (A/B checks)
+TUNING = {"block_v": None, "num_warps": None, "maxnreg": None, "fast_launch": True}
 
 
 def launch_config(dk: int, dv: int, num_seqs: int = 0, hv: int = 0, sms: int = 0) -> dict:
@@ -148,12 +151,14 @@ def sigmoid_gating_delta_rule_update(a_log, a, dt_bias, softplus_beta, softplus_
     else:
         inter, s_it, s_ih, s_ik, s_iv = pool, 0, 0, 0, 0  # never written: STORE_INTER is off
     grid = (num_seqs, hv, cdiv(dv, cfg["BV"]))
-    _decode_kernel[grid](
+    sites, device_index = call_sites(TUNING["fast_launch"], q.device, (q, k, v, a, b, a_log, dt_bias, o, pool, indices,
+                                                                      intermediate_states, cu_seqlens),
+                                     "decode", bool(use_qk_l2norm), bool(state_v_first), tuple(cfg.items()))
+    launch(sites, "decode", _decode_kernel, grid, (
         q, k, v, a, b, a_log, dt_bias, o, pool, indices, inter, cu_seqlens,
         *q.stride(), *k.stride(), *v.stride(), *a.stride(), *b.stride(), *o.stride()[:3],
         s_ps, s_ph, s_pk, s_pv, s_it, s_ih, s_ik, s_iv,
-        scale, float(softplus_beta), float(softplus_threshold), t_len, pool.shape[0],
+        float(scale), float(softplus_beta), float(softplus_threshold), t_len, pool.shape[0]), dict(
         GROUP=hv // h, K=dk, V=dv, VARLEN=cu_seqlens is not None, L2NORM=use_qk_l2norm,
-        STORE_INTER=intermediate_states is not None, WHILE_LOOPS=interpreting(), **cfg,
-    )
+        STORE_INTER=intermediate_states is not None, WHILE_LOOPS=interpreting(), **cfg), device_index)
     return o

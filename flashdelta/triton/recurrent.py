@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from .common import cdiv, interpreting, next_power_of_2
+from .launch import call_sites, launch
 
 
 @triton.jit
@@ -110,6 +111,11 @@ def _recurrent_kernel(
         tl.store(ht_ptr + soff, state, mask=smask)
 
 
+# fast_launch: a repeated call layout launches its compiled kernel directly (launch.py); False:
+# through Triton every time (A/B checks)
+TUNING = {"fast_launch": True}
+
+
 def launch_config(dk: int, dv: int) -> dict:
     """Block sizes and warps of the token-loop kernel (also compiled offline by the tests)."""
     bk = max(16, next_power_of_2(dk))
@@ -133,12 +139,13 @@ def fused_recurrent_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=
     cfg = launch_config(dk, dv)
     h0 = initial_state.contiguous() if initial_state is not None else None
     grid = (num_seqs, hv, cdiv(dv, cfg["BV"]))
-    _recurrent_kernel[grid](
+    sites, device_index = call_sites(TUNING["fast_launch"], q.device, (q, k, v, g, beta, o, h0, final, cu_seqlens),
+                                     "recurrent", bool(use_qk_l2norm))
+    launch(sites, "token loop", _recurrent_kernel, grid, (
         q, k, v, g, beta, o, h0, final, cu_seqlens,
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *beta.stride(), *o.stride()[:3],
-        scale, t_len,
+        float(scale), t_len), dict(
         HV=hv, GROUP=hv // h, K=dk, V=dv, VARLEN=cu_seqlens is not None,
         HAS_H0=h0 is not None, STORE_FINAL=final is not None, L2NORM=use_qk_l2norm,
-        WHILE_LOOPS=interpreting(), **cfg,
-    )
+        WHILE_LOOPS=interpreting(), **cfg), device_index)
     return o, final

@@ -101,7 +101,8 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, devic
     inverse's T_u pair and gate sums, the maps' buffers and the chain's starts."""
     calls = {}
 
-    def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps, hv, group, packed_split, descs, warm):
+    def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps, hv, group, packed_split, descs, warm,
+                 sites=None, device_index=0):
         calls["map_descs"] = descs
         calls["warm"] = None if warm is None else warm.shape
         calls["map"] = dict(gcum=gcum.shape, tinv=(tinv.shape, tinv.dtype), map_d=map_d.shape, map_m=map_m.shape,
@@ -110,7 +111,8 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, devic
         map_m.zero_()
 
     def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts, partitioned, scale, hv, group,
-                    packed_split, descs, split_qs, may_be_empty=False):
+                    packed_split, descs, split_qs, may_be_empty=False, sites=None, device_index=0, site=None):
+        assert site == "output pass"
         calls["out_descs"] = descs
         calls["split_qs"] = split_qs
         calls["out"] = dict(state_in=None if state_in is None else state_in.shape, final=final.shape,

@@ -159,3 +159,59 @@ def test_gluon_sm90_passes(kind, seq_len, partition_chunks, packed_split, split_
     # as close to the Triton kernel as the revised same-rounding bound of test_chunk allows
     assert rel_l2(s_g, s_t) <= max(1e-5, rel_l2(s_t, s_ref))
     assert rel_l2(o_g, o_t) <= (2e-4 if split_qs else 3e-3), rel_l2(o_g, o_t)
+
+
+class _CountedKernel:
+    """A compiled kernel whose launcher counts its direct launches (`launch.launch`)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.runs = kernel, 0
+
+    @property
+    def run(self):
+        self.runs += 1
+        return self.kernel.run
+
+    def __getattr__(self, name):
+        return getattr(self.kernel, name)
+
+
+@pytest.mark.parametrize("layout", ["plain", "lead", "adaptive", "varlen", "triton_passes", "no_state"])
+def test_fast_launch_equals_triton_launches(layout, monkeypatch):
+    """A repeated call layout launches each site's compiled kernel directly (TUNING["fast_launch"],
+    launch.py): bitwise the results of Triton's own launches, every site taken directly on the
+    second call; an input at an address that is not 16-byte aligned, between two aligned calls,
+    is a layout of its own (another specialisation), with its own right answer."""
+    from flashdelta.triton import chunk as tc
+    from flashdelta.triton import launch as fl
+
+    lead = {"lead": True, "adaptive": "adaptive"}.get(layout, False)
+    monkeypatch.setitem(tc.TUNING, "lead_partition", lead)
+    gate = "strong" if layout == "adaptive" else "weak"
+    lens = [700, 3000, 1500] if layout == "varlen" else [4096]
+    dim = 64 if layout == "triton_passes" else 128
+    shape = Shape("prefill", "t", lens, 4, 8, gate=gate, dk=dim, dv=dim, varlen=layout == "varlen")
+    args, kw = make_inputs(shape, "cuda", seed=11)
+    q, k, v, g, beta = args
+    h0 = None if layout == "no_state" else torch.randn(len(lens), 8, q.shape[3], v.shape[3], device="cuda")
+    cu = kw.get("cu_seqlens")
+    unaligned = torch.empty(q.numel() + 1, dtype=q.dtype, device="cuda")[1:].view(q.shape).copy_(q)
+
+    def call(query):
+        return chunk_gated_delta_rule_fwd(query, k, v, g, beta, 0.1, h0, True, cu, partition_chunks=8)
+
+    monkeypatch.setitem(tc.TUNING, "fast_launch", False)
+    ref, ref_unaligned = call(q), call(unaligned)
+    monkeypatch.setitem(tc.TUNING, "fast_launch", True)
+    fl._CACHE.tables.clear()
+    first = call(q)
+    (sites,) = fl._CACHE.tables.values()
+    kernels = [name for name in sites if name != "setup"]
+    assert "inverse" in kernels and "output pass" in kernels and "chain" in kernels
+    for name in kernels:
+        sites[name] = (_CountedKernel(sites[name][0]), sites[name][1])
+    runs = [first, call(unaligned), call(q)]
+    assert all(sites[name][0].runs == 1 for name in kernels), {n: sites[n][0].runs for n in kernels}
+    assert len(fl._CACHE.tables) == 2
+    for (o, s), (o_ref, s_ref) in zip(runs, [ref, ref_unaligned, ref]):
+        assert torch.equal(o, o_ref) and torch.equal(s, s_ref)
