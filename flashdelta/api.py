@@ -23,8 +23,10 @@ MODES = ("auto", "chunk", "recurrent")
 # `mode="auto"` runs the recurrent path when a sequence has at most this many tokens (mean
 # length for varlen). Measured with benchmarks/dispatch_threshold.py (NOTES.md): on the CPU
 # (2 cores, H=4, K=V=64) recurrent wins up to T=4-6, chunked from T=8 on. Triton on an H100
-# (B=1, H=16, K=V=128): the token loop is 2.7x faster still at T=128.
-RECURRENT_MAX_TOKENS = {"torch": 6, "triton": 128}
+# (B=1, H=16, K=V=128, with fast launches): the token loop wins through T=256 in bf16 and fp32
+# (0.21 vs 0.23 ms, 0.18 vs 0.28), the chunked path from 512 in bf16 (0.22 vs 0.31 ms; fp32
+# from 1024).
+RECURRENT_MAX_TOKENS = {"torch": 6, "triton": 256}
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

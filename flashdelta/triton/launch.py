@@ -33,7 +33,8 @@ except ImportError:  # an older Triton: no launch hooks to respect
 
 class Sites(dict):
     """One call layout's compiled kernels: site name -> (kernel, the parameters after the
-    positional arguments as (name, default) pairs); a caller may keep its own host decisions
+    positional arguments as (name, default) pairs, the constexpr parameters' positions,
+    `_constants`); a caller may keep its own host decisions
     for the layout beside them (the prefill: "setup")."""
 
 
@@ -95,21 +96,31 @@ def bound_arguments(tail: tuple, args: tuple, kwargs: dict) -> list:
     return [*args, *(kwargs[name] if name in kwargs else default for name, default in tail)]
 
 
+def _constants(index: tuple, full: list) -> tuple:
+    """What the compiled kernel fixed beyond the layout key: the constexpr parameters' values
+    (at `index`) and which arguments are None (Triton compiles a None as a constant)."""
+    return tuple(full[i] for i in index), tuple(i for i, x in enumerate(full) if x is None)
+
+
 def launch(sites: Sites | None, name: str, fn, grid: tuple, args: tuple, kwargs: dict, device_index: int = 0):
-    """fn[grid](*args, **kwargs), or, where `sites` holds this site's compiled kernel, that
-    kernel's launcher on the current stream of `device_index` with the same arguments.
-    `sites` None: always through Triton (the interpreter, A/B checks)."""
+    """fn[grid](*args, **kwargs), or, where `sites` holds this site's compiled kernel for the
+    same constants, that kernel's launcher on the current stream of `device_index` with the
+    same arguments. `sites` None: always through Triton (the interpreter, A/B checks)."""
     if sites is None or _hooks_set():
         fn[grid](*args, **kwargs)
         return
     entry = sites.get(name)
-    if entry is None:
-        kernel = fn[grid](*args, **kwargs)
-        if hasattr(kernel, "result"):  # (asynchronous compilation)
-            kernel = kernel.result()
-        sites[name] = (kernel, _tail(fn, len(args)))
-        return
-    kernel, tail = entry
-    g = (*grid, 1, 1)
-    kernel.run(g[0], g[1], g[2], torch._C._cuda_getCurrentRawStream(device_index), kernel.function,
-               kernel.packed_metadata, None, None, None, *bound_arguments(tail, args, kwargs))
+    if entry is not None:
+        kernel, tail, index, constants = entry
+        full = bound_arguments(tail, args, kwargs)
+        if _constants(index, full) == constants:  # (a constant outside the key: compile through Triton)
+            g = (*grid, 1, 1)
+            kernel.run(g[0], g[1], g[2], torch._C._cuda_getCurrentRawStream(device_index), kernel.function,
+                       kernel.packed_metadata, None, None, None, *full)
+            return
+    kernel = fn[grid](*args, **kwargs)
+    if hasattr(kernel, "result"):  # (asynchronous compilation)
+        kernel = kernel.result()
+    tail = _tail(fn, len(args))
+    index = tuple(p.num for p in getattr(fn, "params", ()) if p.is_constexpr)
+    sites[name] = (kernel, tail, index, _constants(index, bound_arguments(tail, args, kwargs)))

@@ -166,6 +166,7 @@ def test_negligible_maps(kind, seed, device, monkeypatch):
         partition_chunks = 2
     spy = _WarmSpy(tc._warm_start_kernel)
     monkeypatch.setattr(tc, "_warm_start_kernel", spy)
+    monkeypatch.setitem(tc.TUNING, "fast_launch", False)  # every launch through the spy (launch.py)
     o, s = run(case, partition_chunks)
     if kind != "growing_keys":
         check(case, o, s)
@@ -229,6 +230,7 @@ def test_adaptive_plan(kind, slots, seed, device, monkeypatch):
     monkeypatch.setattr(tc, "map_pass_slots", lambda device: slots)
     spy = _ChooseSpy(tc._choose_plan_kernel)
     monkeypatch.setattr(tc, "_choose_plan_kernel", spy)
+    monkeypatch.setitem(tc.TUNING, "fast_launch", False)  # every launch through the spy (launch.py)
     case = make_case(kind, torch.float32, device, seed=seed, seq_len=300, value_heads=2)
     o, s = run(case, 1)
     check(case, o, s)

@@ -209,7 +209,7 @@ def test_fast_launch_equals_triton_launches(layout, monkeypatch):
     kernels = [name for name in sites if name != "setup"]
     assert "inverse" in kernels and "output pass" in kernels and "chain" in kernels
     for name in kernels:
-        sites[name] = (_CountedKernel(sites[name][0]), sites[name][1])
+        sites[name] = (_CountedKernel(sites[name][0]), *sites[name][1:])
     runs = [first, call(unaligned), call(q)]
     assert all(sites[name][0].runs == 1 for name in kernels), {n: sites[n][0].runs for n in kernels}
     assert len(fl._CACHE.tables) == 2

@@ -118,6 +118,7 @@ class _Kernel:
         def fn(a, b, C: int = 3, D=None):
             pass
         self.fn = fn
+        self.params = [type("Param", (), dict(num=i, is_constexpr=name == "C"))() for i, name in enumerate("abCD")]
 
     def __getitem__(self, grid):
         def call(*args, **kwargs):
@@ -136,6 +137,19 @@ def test_launch_first_through_triton_then_direct(monkeypatch):
     assert kernel.compiled.runs == [(4, 2, 1, 1001, "function", "metadata", None, None, None, "y", 5, 3, 8)]
     fl.launch(None, "k", kernel, (4,), ("z", 1), {}, 1)  # no table: always through Triton
     assert len(kernel.slow) == 2
+
+
+def test_launch_recompiles_where_a_constant_changes(monkeypatch):
+    """A constexpr value or a None the table's kernel was not compiled for (something outside
+    the layout key) goes through Triton, and its kernel replaces the site's."""
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 1000 + index, raising=False)
+    kernel, sites = _Kernel(), fl.Sites()
+    fl.launch(sites, "k", kernel, (1,), ("x", 2), dict(D=7))
+    fl.launch(sites, "k", kernel, (1,), ("x", 2), dict(C=4, D=7))  # another constexpr value
+    fl.launch(sites, "k", kernel, (1,), ("x", 2), dict(C=4, D=None))  # a None where a value was
+    assert len(kernel.slow) == 3 and not kernel.compiled.runs
+    fl.launch(sites, "k", kernel, (1,), ("y", 2), dict(C=4))
+    assert len(kernel.slow) == 3 and len(kernel.compiled.runs) == 1
 
 
 def test_launch_hooks_go_through_triton(monkeypatch):
