@@ -13,7 +13,8 @@ strides, dtypes and address alignments), the sequence layout and the tuning: int
 buffers are fresh allocations of sizes those fix, at addresses the allocator aligns to 512
 bytes. So the caller keys a `Sites` table by those inputs (`call_sites`); the first call
 of a layout launches through Triton and keeps each compiled kernel, later calls hand the same
-argument list straight to the kernel's launcher.
+argument list straight to the kernel's launcher. A check of the constexpr values and the
+Nones against the compiled ones sends anything the key missed back through Triton.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ except ImportError:  # an older Triton: no launch hooks to respect
 class Sites(dict):
     """One call layout's compiled kernels: site name -> (kernel, the parameters after the
     positional arguments as (name, default) pairs, the constexpr parameters' positions,
-    `_constants`); a caller may keep its own host decisions
-    for the layout beside them (the prefill: "setup")."""
+    `_constants`); a caller may keep its own host decisions for the layout beside them (the
+    prefill: "setup")."""
 
 
 class SitesCache:
@@ -72,8 +73,8 @@ def call_sites(enabled: bool, device: torch.device, tensors: tuple, *extra) -> t
     Triton: `enabled` off (A/B checks), not CUDA, or the interpreter."""
     if not enabled or device.type != "cuda" or interpreting():
         return None, 0
-    index = torch.cuda.current_device()
-    return _CACHE.get(layout_key(index, tensors, *extra)), index
+    index = torch.cuda.current_device()  # (where Triton launches; the tensors' device is keyed too)
+    return _CACHE.get(layout_key(index, tensors, device, *extra)), index
 
 
 def _tail(fn, n_args: int) -> tuple:
