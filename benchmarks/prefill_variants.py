@@ -64,6 +64,9 @@ VARIANTS = [
     {"skip_negligible_maps": False},  # 39: every map in full (v4.9)
     {"skip_negligible_maps": False, "lead_partition": False},  # 40: v4.9 on the plain plan
     {"fast_launch": False},  # 41: every launch through Triton's binder (host time; launch.py)
+    {"gluon_transposed": True},  # 42: the output pass on transposed tiles (chunk_sm90._output_kernel_t)
+    {"gluon_transposed": True, "gluon_split_qs": False},  # 43: the same, Q S from the state's hi alone
+    {"gluon_split_qs": False},  # 44: (37 again, to compare with 43 in one run)
 ]
 SHAPES = [("1x8K 16/16", [8192], 16, 16), ("1x32K 16/16", [32768], 16, 16), ("8x4K 16/32", [4096] * 8, 16, 32)]
 ERROR_KINDS = ["random", "near_identical_keys", "strong_decay", "zero_decay", "large_initial_state"]
@@ -108,6 +111,8 @@ def split_by_kernel(launches, reps):
     the last recurrence launch in a call is the output pass, the one before it the map pass,
     and a third (started first) the lead pass."""
     per_call = len(launches) // reps
+    # (chunk_sm90._output_kernel_t: the transposed output and lead passes)
+    launches = [(n.replace("output_kernel_t", "recurrence_kernel"), ms) for n, ms in launches]
     n_rec = sum("recurrence" in name for name, _ in launches[:per_call])
     out = {}
     for i, (name, ms) in enumerate(launches):

@@ -126,6 +126,22 @@ def sm90_kernels(arch: int = 90):
         src = GluonASTSource(fn=fn, signature=signature,
                              constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
         yield name, triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=g.NUM_WARPS))
+    # the output pass on transposed tiles (TUNING["gluon_transposed"], off by default)
+    fn = g._output_kernel_t
+    signature = {"q_desc": tile(128), "k_desc": tile(128), "v_desc": tile(g.BLOCK_V), "t_desc": tile(g.CHUNK_SIZE),
+                 "gcum_ptr": "*fp32", "o_ptr": "*bf16", "state_in_ptr": "*fp32", "state_out_ptr": "*fp32",
+                 "part_ptr": "*i32", "scale": "fp32"}
+    constexprs = dict(HV=32, GROUP=2, K=128, V=128, PARTITIONED=True, HAS_STATE_IN=True, STORE_FINAL=True,
+                      PACKED_SPLIT=tc.TUNING["gluon_packed_split"], SPLIT_QS=tc.TUNING["gluon_split_qs"],
+                      MAY_BE_EMPTY=False)
+    signature.update({n: "constexpr" for n in constexprs})
+    signature.update({n: "i32" for n in fn.arg_names if n not in signature})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if signature[n].startswith("*") or n.startswith("s_")}
+    src = GluonASTSource(fn=fn, signature=signature,
+                         constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
+    yield "gluon transposed output pass", triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                                         options=dict(num_warps=g.NUM_WARPS))
 
 
 def registers(kernel) -> dict:

@@ -687,6 +687,9 @@ TUNING = {
     # one product less per step (output pass -4 to -8%), o error up to 2.4e-3 instead of the
     # 1.7e-3 floor (NOTES.md v4.9)
     "gluon_split_qs": True,
+    # the Gluon output pass on transposed tiles (chunk_sm90._output_kernel_t: the intermediates'
+    # pairs as register operands, less shared-memory traffic); off until measured (NOTES.md v5.2)
+    "gluon_transposed": False,
     # each sequence's first partition run beside the map pass (`_plan`'s lead rows): None lets
     # `predicted_cost` decide per call (and, with skip_negligible_maps, the GPU between that
     # plan and its empty-lead form: "adaptive"), True / False / "adaptive" force it (NOTES.md v4.8)
@@ -1117,7 +1120,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
             if gluon:
                 chunk_sm90.output_pass(q, k, v, gcum, tinv, o, h0, starts, leads, plan["num_leads"], True,
                                        scale, hv, group, split_qs=TUNING["gluon_split_qs"], may_be_empty=adaptive,
-                                       site="lead pass", **gluon_kw)
+                                       site="lead pass", transposed=TUNING["gluon_transposed"], **gluon_kw)
             else:
                 run("lead pass", _recurrence_kernel, (plan["num_leads"] * hv * nvb,),
                     *tiles, h0, starts, None, None, leads, None, *strides, scale, t_len,
@@ -1142,7 +1145,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     if gluon:
         chunk_sm90.output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, plan["num_parts"],
                                partitioned, scale, hv, group, split_qs=TUNING["gluon_split_qs"], site="output pass",
-                               **gluon_kw)
+                               transposed=TUNING["gluon_transposed"], **gluon_kw)
         return o, final
     run("output pass", _recurrence_kernel, (plan["num_parts"] * hv * nvb,),
         *tiles, state_in, final, None, None, parts, None, *strides, scale, t_len,

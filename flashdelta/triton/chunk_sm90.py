@@ -330,6 +330,218 @@ def _recurrence_kernel(
                 gl.store(state_out_ptr + (seq * HV + i_h) * K * V + rk[:, None] * V + cv[None, :], state)
 
 
+@gluon.jit
+def _output_kernel_t(
+    q_desc, k_desc, v_desc, t_desc, gcum_ptr, o_ptr, state_in_ptr, state_out_ptr, part_ptr,
+    s_cb, s_ct, s_ch, s_ob, s_ot, s_oh, scale, t_total,
+    HV: gl.constexpr, GROUP: gl.constexpr, K: gl.constexpr, V: gl.constexpr,
+    HAS_STATE_IN: gl.constexpr, PARTITIONED: gl.constexpr, STORE_FINAL: gl.constexpr,
+    PACKED_SPLIT: gl.constexpr = True, SPLIT_QS: gl.constexpr = True, MAY_BE_EMPTY: gl.constexpr = False,
+):
+    """The output pass on transposed tiles (`TUNING["gluon_transposed"]`): the state is held as
+    S^T [BV, K], and the products whose operand is one of the step's intermediates (X, U, U~)
+    take its pair as the register operand, the chunk's tile from shared memory as the other:
+      (K S)^T = S^T K^T,  U^T = X^T T_u^T,  S'^T = e^{G_C} S^T + U~^T K,  o^T = e^G (S^T Q^T) + U^T A^T.
+    Why: in `_recurrence_kernel` both operands of every product but o's come from shared memory
+    (64-column tiles) and the pairs of S, X, U and U~ are stored there each step; the profile
+    (NOTES.md v5.2) reads the shared-memory data pipe at ~71% of its peak, the tensor pipe at 43%.
+    Here the pairs of X, U and U~ stay in registers; S's pair and A's are stored (A's over q's
+    tile once q is read). The same products of the same pairs (lo x lo dropped) as
+    `_recurrence_kernel`; arguments as its output pass."""
+    C: gl.constexpr = 64
+    BV: gl.constexpr = 64
+    NVB: gl.constexpr = V // BV
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
+    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
+    row_l: gl.constexpr = gl.SliceLayout(1, acc_l)
+    col_l: gl.constexpr = gl.SliceLayout(0, acc_l)
+    pair_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([C, C], gl.bfloat16)
+    s_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BV, K], gl.bfloat16)
+    # o^T [BV, C] stored through a layout whose threads hold 8 consecutive columns of o (16 B)
+    out_l: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, 4], [0, 1])
+
+    pid = gl.program_id(0)
+    i_p = pid // (HV * NVB)
+    i_h = (pid // NVB) % HV
+    i_v = pid % NVB
+    prow = part_ptr + i_p * 6
+    b = gl.load(prow).to(gl.int64)
+    t_start = gl.load(prow + 1).to(gl.int64)
+    t_end = gl.load(prow + 2).to(gl.int64)
+    seq = gl.load(prow + 3).to(gl.int64)
+    slot = gl.load(prow + 4).to(gl.int64)
+    is_last = gl.load(prow + 5)
+    i_hk = i_h // GROUP
+    c0 = i_v * BV
+
+    k_smem = gl.allocate_shared_memory(gl.bfloat16, [2, C, K], k_desc.layout)
+    q_all = gl.allocate_shared_memory(gl.bfloat16, [1, C, K], q_desc.layout)
+    v_all = gl.allocate_shared_memory(gl.bfloat16, [1, C, BV], v_desc.layout)
+    th_all = gl.allocate_shared_memory(gl.bfloat16, [1, C, C], t_desc.layout)
+    tl_all = gl.allocate_shared_memory(gl.bfloat16, [1, C, C], t_desc.layout)
+    sh_all = gl.allocate_shared_memory(gl.bfloat16, [1, BV, K], s_sl)
+    sl_all = gl.allocate_shared_memory(gl.bfloat16, [1, BV, K], s_sl)
+    bar_k = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    bar_q = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    bar_v = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    bar_t = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(bar_k.index(0), count=1)
+    mbarrier.init(bar_k.index(1), count=1)
+    mbarrier.init(bar_q, count=1)
+    mbarrier.init(bar_v, count=1)
+    mbarrier.init(bar_t, count=1)
+
+    rv = gl.arange(0, BV, layout=row_l)  # the state's columns: rows of the transposed tiles
+    rt = gl.arange(0, C, layout=row_l)  # tokens as rows (A = Q K^T)
+    ct = gl.arange(0, C, layout=col_l)  # tokens as columns
+    ck = gl.arange(0, K, layout=col_l)  # key dimensions as columns (S^T)
+    cv = c0 + rv
+    if HAS_STATE_IN:
+        if PARTITIONED:
+            src = slot
+        else:
+            src = seq
+        state = gl.load(state_in_ptr + (src * HV + i_h) * K * V + ck[None, :] * V + cv[:, None])
+    else:
+        state = gl.zeros([BV, K], gl.float32, acc_l)
+
+    n_chunks = ((t_end - t_start + C - 1) // C).to(gl.int32)
+    row0 = (b * t_total + t_start).to(gl.int32)
+    col_k = (i_hk * K).to(gl.int32)
+    col_v = (i_h * V + c0).to(gl.int32)
+    col_th = (2 * i_h * C).to(gl.int32)
+    col_tl = col_th + C
+    if MAY_BE_EMPTY:
+        first = n_chunks > 0  # (a row of no chunk: nothing may be left in flight)
+    else:
+        first = True
+    _issue(k_desc, row0, col_k, bar_k.index(0), k_smem.index(0), first)
+    _issue(q_desc, row0, col_k, bar_q, q_all.index(0), first)
+    _issue(v_desc, row0, col_v, bar_v, v_all.index(0), first)
+    mbarrier.expect(bar_t, 2 * t_desc.block_type.nbytes, pred=first)
+    tma.async_copy_global_to_shared(t_desc, [row0, col_th], bar_t, th_all.index(0), pred=first)
+    tma.async_copy_global_to_shared(t_desc, [row0, col_tl], bar_t, tl_all.index(0), pred=first)
+    s_hi, s_lo = _hi_lo(state, PACKED_SPLIT)
+    sh_all.index(0).store(s_hi)
+    sl_all.index(0).store(s_lo)
+    fence_async_shared()
+    gl.thread_barrier()
+
+    for c in range(n_chunks):
+        t0 = t_start + c * C
+        row = row0 + c * C
+        more = c + 1 < n_chunks
+        buf = c % 2
+        zero = gl.zeros([BV, C], gl.float32, acc_l)  # (use_acc=False: never read)
+        k_cur = k_smem.index(buf)
+        z = c >> 30  # 0, opaque to the compiler: descriptors stay loop-variant (module doc)
+        q_smem = q_all.index(z)
+        v_smem = v_all.index(z)
+        th_smem = th_all.index(z)
+        tl_smem = tl_all.index(z)
+        sh_smem = sh_all.index(z)
+        sl_smem = sl_all.index(z)
+        a_pair = q_smem._reinterpret(gl.bfloat16, [2, C, C], pair_sl)  # A's pair, once q is read
+        _issue(k_desc, row + C, col_k, bar_k.index(1 - buf), k_smem.index(1 - buf), more)
+        n = gl.minimum(t_end - t0, C)
+        c_row = gcum_ptr + b * s_cb + t0 * s_ct + i_h * s_ch
+        g_hi = gl.load(c_row + rt * s_ct, mask=rt < n, other=0.0)
+        g_lo = gl.load(c_row + rt * s_ct + 1, mask=rt < n, other=0.0)
+        last_hi = gl.load(c_row + (n - 1) * s_ct)
+        last_lo = gl.load(c_row + (n - 1) * s_ct + 1)
+
+        # (K S)^T from the state's pair (stored by the previous step or the prologue)
+        k_t = k_cur.permute((1, 0))
+        mbarrier.wait(bar_k.index(buf), (c // 2) & 1)
+        ks = warpgroup_mma(sh_smem, k_t, zero, use_acc=False, is_async=True)
+        ks = warpgroup_mma(sl_smem, k_t, ks, is_async=True)
+        ks = warpgroup_mma_wait(num_outstanding=0, deps=(ks,))
+        g_hi_c = gl.convert_layout(g_hi, col_l)
+        g_lo_c = gl.convert_layout(g_lo, col_l)
+
+        # X^T = V^T - (K S)^T e^G, its pair in registers
+        mbarrier.wait(bar_v, c & 1)
+        v = v_smem.permute((1, 0)).load(acc_l).to(gl.float32)
+        x = v - ks * gl.exp2(g_hi_c)[None, :]
+        x_hi, x_lo = _hi_lo(x, PACKED_SPLIT)
+        x_hi = gl.convert_layout(x_hi, a_l)
+        x_lo = gl.convert_layout(x_lo, a_l)
+        gl.thread_barrier()  # every thread has read v: fetch the next chunk's
+        fence_async_shared()
+        _issue(v_desc, row + C, col_v, bar_v, v_smem, more)
+
+        # U^T = X^T T_u^T (the same three products of the pairs)
+        mbarrier.wait(bar_t, c & 1)
+        th_t = th_smem.permute((1, 0))
+        tl_t = tl_smem.permute((1, 0))
+        u = warpgroup_mma(x_hi, th_t, zero, use_acc=False, is_async=True)
+        u = warpgroup_mma(x_hi, tl_t, u, is_async=True)
+        u = warpgroup_mma(x_lo, th_t, u, is_async=True)
+        u, x_hi, x_lo = warpgroup_mma_wait(num_outstanding=0, deps=(u, x_hi, x_lo))
+        gl.thread_barrier()  # T_u is read: fetch the next chunk's
+        mbarrier.expect(bar_t, 2 * t_desc.block_type.nbytes, pred=more)
+        tma.async_copy_global_to_shared(t_desc, [row + C, col_th], bar_t, th_smem, pred=more)
+        tma.async_copy_global_to_shared(t_desc, [row + C, col_tl], bar_t, tl_smem, pred=more)
+        # columns past the chunk's tokens are zero (TMA reads the next sequence's rows there)
+        u = gl.where((ct < n)[None, :], u, 0.0)
+        u_t = u * gl.exp2((last_hi - g_hi_c) + (last_lo - g_lo_c))[None, :]
+        ut_hi, ut_lo = _hi_lo(u_t, PACKED_SPLIT)
+        ut_hi = gl.convert_layout(ut_hi, a_l)
+        ut_lo = gl.convert_layout(ut_lo, a_l)
+
+        # (Q S)^T from the old state's pair, then S'^T = e^{G_C} S^T + U~^T K
+        mbarrier.wait(bar_q, c & 1)
+        q_t = q_smem.permute((1, 0))
+        qs = warpgroup_mma(sh_smem, q_t, zero, use_acc=False, is_async=True)
+        if SPLIT_QS:
+            qs = warpgroup_mma(sl_smem, q_t, qs, is_async=True)
+        state = warpgroup_mma(ut_hi, k_cur, state * gl.exp2(last_hi + last_lo), is_async=True)
+        state = warpgroup_mma(ut_lo, k_cur, state, is_async=True)
+        u_hi, u_lo = _hi_lo(u, PACKED_SPLIT)
+        qs, state, ut_hi, ut_lo = warpgroup_mma_wait(num_outstanding=0, deps=(qs, state, ut_hi, ut_lo))
+        # the next state's pair over the old one (its readers are done)
+        s_hi, s_lo = _hi_lo(state, PACKED_SPLIT)
+        gl.thread_barrier()
+        sh_smem.store(s_hi)
+        sl_smem.store(s_lo)
+
+        # A = Q K^T o L with its gates, its pair over q's tile (o^T's second operand)
+        qk = warpgroup_mma(q_smem, k_t, gl.zeros([C, C], gl.float32, acc_l), use_acc=False, is_async=True)
+        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
+        diff = (g_hi[:, None] - g_hi_c[None, :]) + (g_lo[:, None] - g_lo_c[None, :])
+        a = qk * gl.exp2(gl.where(rt[:, None] >= ct[None, :], diff, float("-inf")))
+        a_hi, a_lo = _hi_lo(a, PACKED_SPLIT)
+        gl.thread_barrier()  # q is read by every warp
+        a_pair.index(0).store(a_hi)
+        a_pair.index(1).store(a_lo)
+        fence_async_shared()
+        gl.thread_barrier()  # (and the state's pair is in place for the next step)
+        u_hi = gl.convert_layout(u_hi, a_l)
+        u_lo = gl.convert_layout(u_lo, a_l)
+        ah_t = a_pair.index(0).permute((1, 0))
+        al_t = a_pair.index(1).permute((1, 0))
+        o = warpgroup_mma(u_hi, ah_t, qs * gl.exp2(g_hi_c)[None, :], is_async=True)
+        o = warpgroup_mma(u_hi, al_t, o, is_async=True)
+        o = warpgroup_mma(u_lo, ah_t, o, is_async=True)
+        o, u_hi, u_lo = warpgroup_mma_wait(num_outstanding=0, deps=(o, u_hi, u_lo))
+        gl.thread_barrier()  # A's pair is read: q's tile takes the next chunk's q
+        _issue(q_desc, row + C, col_k, bar_q, q_smem, more)
+        o_out = gl.convert_layout((o * scale).to(o_ptr.dtype.element_ty), out_l)
+        ro = gl.arange(0, BV, layout=gl.SliceLayout(1, out_l))
+        co = gl.arange(0, C, layout=gl.SliceLayout(0, out_l))
+        o_base = o_ptr + b * s_ob + t0 * s_ot + i_h * s_oh + c0
+        gl.store(o_base + ro[:, None] + (co * s_ot)[None, :], o_out, mask=(co < n)[None, :])
+
+    mbarrier.invalidate(bar_k.index(0))
+    mbarrier.invalidate(bar_k.index(1))
+    mbarrier.invalidate(bar_q)
+    mbarrier.invalidate(bar_v)
+    mbarrier.invalidate(bar_t)
+    if STORE_FINAL:
+        if is_last != 0:
+            gl.store(state_out_ptr + (seq * HV + i_h) * K * V + ck[None, :] * V + cv[:, None], state)
+
+
 # Two programs per SM (4 warps, 104 KB of shared memory, 255 registers): the partition rule
 # fills two slots per SM, as for the Triton output pass.
 PROGRAMS_PER_SM = 2
@@ -384,12 +596,22 @@ def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps: int, hv: int, gr
 
 def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts: int, partitioned: bool, scale: float,
                 hv: int, group: int, packed_split: bool = True, descs=None, split_qs: bool = True,
-                may_be_empty: bool = False, sites=None, device_index: int = 0, site: str = "output pass"):
+                may_be_empty: bool = False, sites=None, device_index: int = 0, site: str = "output pass",
+                transposed: bool = False):
     """Launch over `num_parts` partitions (rows of `parts`); o and final are written. `descs`:
     `descriptors(q, k, v, tinv)` when the caller has them. `may_be_empty`: rows of no chunk
     may come (they store their start state as the final one). `sites`, `site`: the call
-    layout's compiled kernels and this launch's name in them (`launch.launch`)."""
+    layout's compiled kernels and this launch's name in them (`launch.launch`). `transposed`:
+    `_output_kernel_t` instead of `_recurrence_kernel`."""
     dk, dv = q.shape[3], v.shape[3]
+    if transposed:
+        launch(sites, site, _output_kernel_t, (num_parts * hv * (dv // BLOCK_V),), (
+            *(descs or descriptors(q, k, v, tinv)), gcum, o, state_in, final, parts, *gcum.stride()[:3],
+            *o.stride()[:3], scale, q.shape[1]), dict(
+            HV=hv, GROUP=group, K=dk, V=dv, HAS_STATE_IN=state_in is not None, PARTITIONED=partitioned,
+            STORE_FINAL=final is not None, PACKED_SPLIT=packed_split, SPLIT_QS=split_qs, MAY_BE_EMPTY=may_be_empty,
+            num_warps=NUM_WARPS), device_index)
+        return
     launch(sites, site, _recurrence_kernel, (num_parts * hv * (dv // BLOCK_V),), (
         *(descs or descriptors(q, k, v, tinv)), gcum, o, state_in, final, None, None, parts, None, *gcum.stride()[:3],
         *o.stride()[:3], scale, q.shape[1]), dict(

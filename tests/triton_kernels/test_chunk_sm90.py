@@ -111,8 +111,9 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, devic
         map_m.zero_()
 
     def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts, partitioned, scale, hv, group,
-                    packed_split, descs, split_qs, may_be_empty=False, sites=None, device_index=0, site=None):
-        assert site == "output pass"
+                    packed_split, descs, split_qs, may_be_empty=False, sites=None, device_index=0, site=None,
+                    transposed=False):
+        assert site == "output pass" and transposed is False
         calls["out_descs"] = descs
         calls["split_qs"] = split_qs
         calls["out"] = dict(state_in=None if state_in is None else state_in.shape, final=final.shape,

@@ -161,6 +161,49 @@ def test_gluon_sm90_passes(kind, seq_len, partition_chunks, packed_split, split_
     assert rel_l2(o_g, o_t) <= (2e-4 if split_qs else 3e-3), rel_l2(o_g, o_t)
 
 
+@pytest.mark.skipif(not _hopper(), reason="the Gluon passes are sm_90 only")
+@pytest.mark.parametrize("kind", ["random", "near_identical_keys", "cyclic_keys", "strong_decay", "zero_decay",
+                                  "beta_0_2", "large_initial_state", "varlen"])
+@pytest.mark.parametrize("seq_len, partition_chunks", [(130, None), (1000, 3)])
+@pytest.mark.parametrize("split_qs", [True, False])
+def test_gluon_transposed_output_pass(kind, seq_len, partition_chunks, split_qs, monkeypatch):
+    """The output pass on transposed tiles (TUNING["gluon_transposed"], off by default) runs and
+    gives o and the final state bitwise equal to the committed Gluon pass (the same products of
+    the same pairs), within the exactness goal, deterministically. Outputs poisoned first."""
+    from flashdelta.triton import chunk as tc
+    from flashdelta.triton import chunk_sm90
+
+    calls = []
+
+    def counted(*args, _launch=chunk_sm90.output_pass, **kwargs):
+        calls.append(kwargs.get("transposed", False))
+        return _launch(*args, **kwargs)
+
+    monkeypatch.setattr(chunk_sm90, "output_pass", counted)
+    monkeypatch.setitem(tc.TUNING, "gluon_split_qs", split_qs)
+    case = make_case(kind, torch.bfloat16, "cuda", seed=11, seq_len=seq_len, heads=2, value_heads=4, dk=128)
+    q, k, v, g, beta = case.args()
+    kw = case.kwargs
+    n_seqs = len(kw["cu_seqlens"]) - 1 if "cu_seqlens" in kw else q.shape[0]
+
+    def run(on):
+        monkeypatch.setitem(tc.TUNING, "gluon_transposed", on)
+        o = torch.full_like(v, float("nan"))
+        s = torch.full((n_seqs, v.shape[2], k.shape[3], v.shape[3]), float("nan"), device="cuda")
+        return chunk_gated_delta_rule_fwd(q, k, v, g, beta, k.shape[3] ** -0.5, kw.get("initial_state"), True,
+                                          kw.get("cu_seqlens"), False, partition_chunks=partition_chunks,
+                                          out=o, final_state_out=s)
+
+    o_t, s_t = run(True)
+    o_t2, s_t2 = run(True)
+    assert calls == [True, True], calls
+    o_c, s_c = run(False)
+    o_ref, s_ref = oracle(case)
+    assert torch.equal(o_t, o_t2) and torch.equal(s_t, s_t2)
+    assert torch.equal(o_t, o_c) and torch.equal(s_t, s_c), (rel_l2(o_t, o_c), rel_l2(s_t, s_c))
+    assert rel_l2(o_t, o_ref) <= 4e-3 and rel_l2(s_t, s_ref) <= 1e-3, (rel_l2(o_t, o_ref), rel_l2(s_t, s_ref))
+
+
 class _CountedKernel:
     """A compiled kernel whose launcher counts its direct launches (`launch.launch`)."""
 
