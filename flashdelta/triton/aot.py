@@ -103,45 +103,36 @@ def sm90_kernels(arch: int = 90):
 
     from . import chunk_sm90 as g
 
-    fn = g._recurrence_kernel
     tile = lambda cols: f"tensordesc<bf16[{g.CHUNK_SIZE},{cols}],{gl.NVMMASharedLayout.get_default_for([g.CHUNK_SIZE, cols], gl.bfloat16)!r}>"  # noqa: E731,E501
-    for name, mode in (("gluon output pass", dict(MAP=False, HAS_STATE_IN=True, STORE_FINAL=True, WARM=False,
-                                                  MAY_BE_EMPTY=False)),
-                       ("gluon lead pass", dict(MAP=False, HAS_STATE_IN=True, STORE_FINAL=True, WARM=False,
-                                                MAY_BE_EMPTY=True)),
-                       ("gluon map pass", dict(MAP=True, HAS_STATE_IN=False, STORE_FINAL=False,
-                                               WARM=tc.TUNING["skip_negligible_maps"], MAY_BE_EMPTY=False))):
+
+    def compile_gluon(fn, constexprs):
         signature = {"q_desc": tile(128), "k_desc": tile(128), "v_desc": tile(g.BLOCK_V),
                      "t_desc": tile(g.CHUNK_SIZE), "gcum_ptr": "*fp32", "o_ptr": "*bf16", "state_in_ptr": "*fp32",
                      "state_out_ptr": "*fp32", "map_d_ptr": "*fp32", "map_m_ptr": "*fp32", "part_ptr": "*i32",
                      "warm_ptr": "*i32", "scale": "fp32"}
-        constexprs = dict(HV=32, GROUP=2, K=128, V=128, PARTITIONED=True,
-                          PACKED_SPLIT=tc.TUNING["gluon_packed_split"], SPLIT_QS=tc.TUNING["gluon_split_qs"], **mode)
-        if not mode.get("WARM"):  # launched with warm_ptr None (a constexpr)
-            constexprs["warm_ptr"] = None
+        signature = {n: t for n, t in signature.items() if n in fn.arg_names}
+        constexprs = dict(HV=32, GROUP=2, K=128, V=128, PARTITIONED=True, PACKED_SPLIT=tc.TUNING["gluon_packed_split"],
+                          SPLIT_QS=tc.TUNING["gluon_split_qs"], **constexprs)
         signature.update({n: "constexpr" for n in constexprs})
         signature.update({n: "i32" for n in fn.arg_names if n not in signature})
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
                  if signature[n].startswith("*") or n.startswith("s_")}
         src = GluonASTSource(fn=fn, signature=signature,
                              constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
-        yield name, triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=g.NUM_WARPS))
+        return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=g.NUM_WARPS))
+
+    for name, mode in (("gluon output pass", dict(MAP=False, HAS_STATE_IN=True, STORE_FINAL=True, WARM=False,
+                                                  MAY_BE_EMPTY=False)),
+                       ("gluon lead pass", dict(MAP=False, HAS_STATE_IN=True, STORE_FINAL=True, WARM=False,
+                                                MAY_BE_EMPTY=True)),
+                       ("gluon map pass", dict(MAP=True, HAS_STATE_IN=False, STORE_FINAL=False,
+                                               WARM=tc.TUNING["skip_negligible_maps"], MAY_BE_EMPTY=False))):
+        if not mode["WARM"]:  # launched with warm_ptr None (a constexpr)
+            mode["warm_ptr"] = None
+        yield name, compile_gluon(g._recurrence_kernel, mode)
     # the output pass on transposed tiles (TUNING["gluon_transposed"], off by default)
-    fn = g._output_kernel_t
-    signature = {"q_desc": tile(128), "k_desc": tile(128), "v_desc": tile(g.BLOCK_V), "t_desc": tile(g.CHUNK_SIZE),
-                 "gcum_ptr": "*fp32", "o_ptr": "*bf16", "state_in_ptr": "*fp32", "state_out_ptr": "*fp32",
-                 "part_ptr": "*i32", "scale": "fp32"}
-    constexprs = dict(HV=32, GROUP=2, K=128, V=128, PARTITIONED=True, HAS_STATE_IN=True, STORE_FINAL=True,
-                      PACKED_SPLIT=tc.TUNING["gluon_packed_split"], SPLIT_QS=tc.TUNING["gluon_split_qs"],
-                      MAY_BE_EMPTY=False)
-    signature.update({n: "constexpr" for n in constexprs})
-    signature.update({n: "i32" for n in fn.arg_names if n not in signature})
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if signature[n].startswith("*") or n.startswith("s_")}
-    src = GluonASTSource(fn=fn, signature=signature,
-                         constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
-    yield "gluon transposed output pass", triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                                         options=dict(num_warps=g.NUM_WARPS))
+    yield "gluon transposed output pass", compile_gluon(g._output_kernel_t, dict(
+        HAS_STATE_IN=True, STORE_FINAL=True, MAY_BE_EMPTY=False))
 
 
 def registers(kernel) -> dict:

@@ -70,6 +70,22 @@ def _issue(desc, row, col, bar, dst, pred):
 
 
 @gluon.jit
+def _issue_pair(desc, row, col_hi, col_lo, bar, dst_hi, dst_lo, pred):
+    """T_u's hi and lo tiles (one barrier for both)."""
+    mbarrier.expect(bar, 2 * desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(desc, [row, col_hi], bar, dst_hi, pred=pred)
+    tma.async_copy_global_to_shared(desc, [row, col_lo], bar, dst_lo, pred=pred)
+
+
+@gluon.jit
+def _partition_row(part_ptr, i_p):
+    """Row i_p of the partition table (chunk._plan): b, t_start, t_end, seq, slot (int64), is_last."""
+    prow = part_ptr + i_p * 6
+    return (gl.load(prow).to(gl.int64), gl.load(prow + 1).to(gl.int64), gl.load(prow + 2).to(gl.int64),
+            gl.load(prow + 3).to(gl.int64), gl.load(prow + 4).to(gl.int64), gl.load(prow + 5))
+
+
+@gluon.jit
 def _recurrence_kernel(
     q_desc, k_desc, v_desc, t_desc, gcum_ptr, o_ptr, state_in_ptr, state_out_ptr, map_d_ptr, map_m_ptr, part_ptr,
     warm_ptr, s_cb, s_ct, s_ch, s_ob, s_ot, s_oh, scale, t_total,
@@ -103,13 +119,7 @@ def _recurrence_kernel(
     i_p = pid // (HV * NCB)
     i_h = (pid // NCB) % HV
     i_v = pid % NCB
-    prow = part_ptr + i_p * 6
-    b = gl.load(prow).to(gl.int64)
-    t_start = gl.load(prow + 1).to(gl.int64)
-    t_end = gl.load(prow + 2).to(gl.int64)
-    seq = gl.load(prow + 3).to(gl.int64)
-    slot = gl.load(prow + 4).to(gl.int64)
-    is_last = gl.load(prow + 5)
+    b, t_start, t_end, seq, slot, is_last = _partition_row(part_ptr, i_p)
     i_hk = i_h // GROUP
     t_begin = t_start
     if MAP:  # column blocks past NVB are M's
@@ -176,9 +186,7 @@ def _recurrence_kernel(
     if not MAP:
         _issue(q_desc, row0, col_k, bar_q, q_all.index(0), first)
     _issue(v_desc, row0, col_v, bar_v, v_all.index(0), has_v & first)  # M's columns start from v = 0
-    mbarrier.expect(bar_t, 2 * t_desc.block_type.nbytes, pred=first)
-    tma.async_copy_global_to_shared(t_desc, [row0, col_th], bar_t, th_all.index(0), pred=first)
-    tma.async_copy_global_to_shared(t_desc, [row0, col_tl], bar_t, tl_all.index(0), pred=first)
+    _issue_pair(t_desc, row0, col_th, col_tl, bar_t, th_all.index(0), tl_all.index(0), first)
 
     s_hi, s_lo = _hi_lo(state, PACKED_SPLIT)
     sh_all.index(0).store(s_hi)
@@ -260,9 +268,7 @@ def _recurrence_kernel(
             g_hi_c = gl.convert_layout(g_hi, col_l)
             g_lo_c = gl.convert_layout(g_lo, col_l)
         gl.thread_barrier()  # T_u and X are read: fetch the next chunk's T_u
-        mbarrier.expect(bar_t, 2 * t_desc.block_type.nbytes, pred=more)
-        tma.async_copy_global_to_shared(t_desc, [row + C, col_th], bar_t, th_smem, pred=more)
-        tma.async_copy_global_to_shared(t_desc, [row + C, col_tl], bar_t, tl_smem, pred=more)
+        _issue_pair(t_desc, row + C, col_th, col_tl, bar_t, th_smem, tl_smem, more)
         # rows past the chunk's tokens are zero (TMA reads the next sequence's rows there)
         u = gl.where((rt < n)[:, None], u, 0.0)
         if not MAP:  # U's pair into the state pair's last rows
@@ -364,13 +370,7 @@ def _output_kernel_t(
     i_p = pid // (HV * NVB)
     i_h = (pid // NVB) % HV
     i_v = pid % NVB
-    prow = part_ptr + i_p * 6
-    b = gl.load(prow).to(gl.int64)
-    t_start = gl.load(prow + 1).to(gl.int64)
-    t_end = gl.load(prow + 2).to(gl.int64)
-    seq = gl.load(prow + 3).to(gl.int64)
-    slot = gl.load(prow + 4).to(gl.int64)
-    is_last = gl.load(prow + 5)
+    b, t_start, t_end, seq, slot, is_last = _partition_row(part_ptr, i_p)
     i_hk = i_h // GROUP
     c0 = i_v * BV
 
@@ -418,9 +418,7 @@ def _output_kernel_t(
     _issue(k_desc, row0, col_k, bar_k.index(0), k_smem.index(0), first)
     _issue(q_desc, row0, col_k, bar_q, q_all.index(0), first)
     _issue(v_desc, row0, col_v, bar_v, v_all.index(0), first)
-    mbarrier.expect(bar_t, 2 * t_desc.block_type.nbytes, pred=first)
-    tma.async_copy_global_to_shared(t_desc, [row0, col_th], bar_t, th_all.index(0), pred=first)
-    tma.async_copy_global_to_shared(t_desc, [row0, col_tl], bar_t, tl_all.index(0), pred=first)
+    _issue_pair(t_desc, row0, col_th, col_tl, bar_t, th_all.index(0), tl_all.index(0), first)
     s_hi, s_lo = _hi_lo(state, PACKED_SPLIT)
     sh_all.index(0).store(s_hi)
     sl_all.index(0).store(s_lo)
@@ -479,9 +477,7 @@ def _output_kernel_t(
         u = warpgroup_mma(x_lo, th_t, u, is_async=True)
         u, x_hi, x_lo = warpgroup_mma_wait(num_outstanding=0, deps=(u, x_hi, x_lo))
         gl.thread_barrier()  # T_u is read: fetch the next chunk's
-        mbarrier.expect(bar_t, 2 * t_desc.block_type.nbytes, pred=more)
-        tma.async_copy_global_to_shared(t_desc, [row + C, col_th], bar_t, th_smem, pred=more)
-        tma.async_copy_global_to_shared(t_desc, [row + C, col_tl], bar_t, tl_smem, pred=more)
+        _issue_pair(t_desc, row + C, col_th, col_tl, bar_t, th_smem, tl_smem, more)
         # columns past the chunk's tokens are zero (TMA reads the next sequence's rows there)
         u = gl.where((ct < n)[None, :], u, 0.0)
         u_t = u * gl.exp2((last_hi - g_hi_c) + (last_lo - g_lo_c))[None, :]
