@@ -4,7 +4,7 @@
     compute-sanitizer --tool racecheck python benchmarks/sanitize_kernels.py
     (options: --dim 256, --tuning block_v=32,stages=1)
 
-Covers the inverse, map, chain, output and lead passes of the prefill (partitioned varlen, with
+Covers the inverse (in Gluon on sm_90, bf16, K = 128: the default), map, chain, output and lead passes of the prefill (partitioned varlen, with
 an initial state and a ragged last chunk, with and without the lead pass; a dense batch of two sequences in one partition
 each), the token loop, and the decode kernel on a pool
 with a negative index; the first prefill and the decode step twice (the second launches the

@@ -97,22 +97,26 @@ def prefill_kernels(dtype, dim: int, arch: int = 90):
 
 
 def sm90_kernels(arch: int = 90):
-    """The Gluon recurrence passes (chunk_sm90.py: bf16, K = 128), as a launch specialises them."""
+    """The Gluon kernels (chunk_sm90.py, inverse_sm90.py: bf16, K = 128), as a launch specialises them."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from . import chunk_sm90 as g
+    from . import inverse_sm90 as inv
 
     tile = lambda cols: f"tensordesc<bf16[{g.CHUNK_SIZE},{cols}],{gl.NVMMASharedLayout.get_default_for([g.CHUNK_SIZE, cols], gl.bfloat16)!r}>"  # noqa: E731,E501
 
-    def compile_gluon(fn, constexprs):
+    def compile_gluon(fn, constexprs, common=True):
         signature = {"q_desc": tile(128), "k_desc": tile(128), "v_desc": tile(g.BLOCK_V),
                      "t_desc": tile(g.CHUNK_SIZE), "gcum_ptr": "*fp32", "o_ptr": "*bf16", "state_in_ptr": "*fp32",
                      "state_out_ptr": "*fp32", "map_d_ptr": "*fp32", "map_m_ptr": "*fp32", "part_ptr": "*i32",
-                     "warm_ptr": "*i32", "scale": "fp32"}
+                     "warm_ptr": "*i32", "scale": "fp32", "g_ptr": "*fp32", "beta_ptr": "*fp32", "t_ptr": "*bf16",
+                     "chunk_ptr": "*i32", "bound_ptr": "*fp32"}
         signature = {n: t for n, t in signature.items() if n in fn.arg_names}
-        constexprs = dict(HV=32, GROUP=2, K=128, V=128, PARTITIONED=True, PACKED_SPLIT=tc.TUNING["gluon_packed_split"],
-                          SPLIT_QS=tc.TUNING["gluon_split_qs"], **constexprs)
+        if common:  # the recurrence passes' constants
+            constexprs = dict(HV=32, V=128, PARTITIONED=True, PACKED_SPLIT=tc.TUNING["gluon_packed_split"],
+                              SPLIT_QS=tc.TUNING["gluon_split_qs"], **constexprs)
+        constexprs = dict(GROUP=2, K=128, **constexprs)
         signature.update({n: "constexpr" for n in constexprs})
         signature.update({n: "i32" for n in fn.arg_names if n not in signature})
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
@@ -133,6 +137,9 @@ def sm90_kernels(arch: int = 90):
     # the output pass on transposed tiles (TUNING["gluon_transposed"], off by default)
     yield "gluon transposed output pass", compile_gluon(g._output_kernel_t, dict(
         HAS_STATE_IN=True, STORE_FINAL=True, MAY_BE_EMPTY=False))
+    # the inverse (inverse_sm90.py), with and without the map-norm bounds
+    for name, bound in (("gluon inverse", False), ("gluon inverse, map bounds", True)):
+        yield name, compile_gluon(inv._inverse_kernel, dict(DECAY_BOUND=bound), common=False)
 
 
 def registers(kernel) -> dict:

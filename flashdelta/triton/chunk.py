@@ -7,6 +7,7 @@ Three kernels, plus one for long sequences with few heads:
    block sizes on 64 x 64 tiles (tensor cores, fp32-accurate products). Writes
    T_u = T diag(beta) [B, T, HV, 64] (fp32, or a bf16 hi + lo pair for bf16 inputs) and
    the in-chunk prefix sums G of g, in log2 units (G log2 e), as fp32 hi + lo [B, T, HV, 2].
+   On Hopper with the Gluon passes: `inverse_sm90._inverse_kernel` (the same steps).
 2. `_recurrence_kernel`, parallel over (partition, value head, column block), sequential
    over the chunks of its partition: U = T_u (V - e^G (K S)),
    o = scale (e^G Q S + (Q K^T o L) U), S <- e^{G_C} S + K^T (e^{G_C - G} U).
@@ -30,10 +31,10 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-try:  # Gluon (Triton's explicit layer, Hopper): the output pass where it covers the launch
-    from . import chunk_sm90
+try:  # Gluon (Triton's explicit layer, Hopper): the passes where they cover the launch
+    from . import chunk_sm90, inverse_sm90
 except ImportError:  # a Triton without Gluon
-    chunk_sm90 = None
+    chunk_sm90 = inverse_sm90 = None
 from .launch import call_sites, launch
 from .common import (PRECISIONS, cdiv, dot_dtype, hi_lo, interpreting, mm, mm_split_ab, mm_split_b,
                      next_power_of_2, sm_count)
@@ -690,6 +691,11 @@ TUNING = {
     # the Gluon output pass on transposed tiles (chunk_sm90._output_kernel_t: the intermediates'
     # pairs as register operands, less shared-memory traffic); off until measured (NOTES.md v5.2)
     "gluon_transposed": False,
+    # the inverse in Gluon where the Gluon passes run (inverse_sm90.py: each warp owns 16 rows
+    # of every tile, the small products as mma.sync on register first operands; T_u within
+    # 1e-8 of the Triton kernel's). H100: inverse -35 to -38%, kernels per call -7 to -12%
+    # (NOTES.md v5.3); False: the Triton inverse (A/B checks)
+    "gluon_inverse": True,
     # each sequence's first partition run beside the map pass (`_plan`'s lead rows): None lets
     # `predicted_cost` decide per call (and, with skip_negligible_maps, the GPU between that
     # plan and its empty-lead form: "adaptive"), True / False / "adaptive" force it (NOTES.md v4.8)
@@ -1075,20 +1081,24 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     bound = torch.empty(bsz, t_len, hv, dtype=torch.float32, device=device) if warm else gcum
 
     run = lambda name, fn, grid, *args, **kwargs: launch(sites, name, fn, grid, args, kwargs, device_index)  # noqa: E731
-    run("inverse", _inverse_kernel, (plan["num_chunks"], hv),
-        k, g, beta, tinv, gcum, plan["chunks"], bound, *k.stride(), *g.stride(), *beta.stride(), *tinv.stride()[:3],
-        *gcum.stride()[:3], *bound.stride()[:3], DECAY_BOUND=warm, **cfg["inverse"])
-    strides = (*q.stride(), *k.stride(), *v.stride(), *gcum.stride()[:3], *tinv.stride()[:3], *o.stride()[:3])
     # descriptors are built once per call, only for the passes that run (host time: ~3-14 us each)
     if gluon:
         gluon_descs = chunk_sm90.descriptors(q, k, v, tinv)
         gluon_kw = dict(packed_split=TUNING["gluon_packed_split"], descs=gluon_descs, sites=sites,
                         device_index=device_index)
-    elif rec["TMA"]:
+    if gluon and TUNING["gluon_inverse"]:
+        inverse_sm90.inverse(k, g, beta, tinv, gcum, plan["chunks"], plan["num_chunks"], bound, hv, group, warm,
+                             gluon_descs[1], sites=sites, device_index=device_index)
+    else:
+        run("inverse", _inverse_kernel, (plan["num_chunks"], hv),
+            k, g, beta, tinv, gcum, plan["chunks"], bound, *k.stride(), *g.stride(), *beta.stride(),
+            *tinv.stride()[:3], *gcum.stride()[:3], *bound.stride()[:3], DECAY_BOUND=warm, **cfg["inverse"])
+    strides = (*q.stride(), *k.stride(), *v.stride(), *gcum.stride()[:3], *tinv.stride()[:3], *o.stride()[:3])
+    if not gluon and rec["TMA"]:
         descs = [_tma_view(*x) for x in ((q, dk, rec["BK"]), (k, dk, rec["BK"]), (v, dv, rec["BV"]),
                                          (tinv, CHUNK_SIZE, CHUNK_SIZE))]
         tiles = (*descs[:3], gcum, descs[3] if rec["TMA_T"] else tinv, o)
-    else:
+    elif not gluon:
         tiles = (q, k, v, gcum, tinv, o)
     state_in = h0
     partitioned = plan["partitioned"]

@@ -13,16 +13,16 @@ pytest.importorskip("triton.experimental.gluon")
 
 from flashdelta.testing import make_case  # noqa: E402
 from flashdelta.triton import chunk as tc  # noqa: E402
-from flashdelta.triton import chunk_sm90  # noqa: E402
+from flashdelta.triton import chunk_sm90, inverse_sm90  # noqa: E402
 
 
 class _Recorder:
     """Stands in for the Gluon kernel: `kernel[grid](...)` records the grid and the arguments
     bound to the kernel's own parameter names."""
 
-    def __init__(self):
+    def __init__(self, kernel=None):
         self.calls = []
-        self.params = inspect.signature(chunk_sm90._recurrence_kernel.fn).parameters
+        self.params = inspect.signature((kernel or chunk_sm90._recurrence_kernel).fn).parameters
 
     def __getitem__(self, grid):
         def launch(*args, num_warps, **kwargs):
@@ -95,6 +95,26 @@ def test_map_pass_binds_its_arguments(monkeypatch):
     assert a["MAP"] is True and not a["HAS_STATE_IN"] and not a["STORE_FINAL"]
 
 
+@pytest.mark.parametrize("decay_bound", [False, True])
+def test_inverse_binds_its_arguments(monkeypatch, decay_bound):
+    rec = _Recorder(inverse_sm90._inverse_kernel)
+    monkeypatch.setattr(inverse_sm90, "_inverse_kernel", rec)
+    q, k, v, tinv, gcum = _inputs(t=200)
+    g, beta = torch.randn(2, 200, 4), torch.rand(4, 200, 2).permute(2, 1, 0)  # beta: a strided view
+    bound = torch.empty(2, 200, 4)
+    chunks = torch.zeros(7, 3, dtype=torch.int32)
+    k_desc = chunk_sm90.descriptor(k, 128)
+    inverse_sm90.inverse(k, g, beta, tinv, gcum, chunks, 7, bound, 4, 2, decay_bound, k_desc)
+    ((grid, warps, a),) = rec.calls
+    assert grid == (7, 4) and warps == inverse_sm90.NUM_WARPS  # chunk rows x value heads
+    assert a["k_desc"] is k_desc and a["g_ptr"] is g and a["beta_ptr"] is beta and a["t_ptr"] is tinv
+    assert a["gcum_ptr"] is gcum and a["chunk_ptr"] is chunks and a["bound_ptr"] is bound
+    assert (a["s_gb"], a["s_gt"], a["s_gh"]) == g.stride() and (a["s_bb"], a["s_bt"], a["s_bh"]) == beta.stride()
+    assert (a["s_tb"], a["s_tt"], a["s_th"]) == tinv.stride()[:3] and (a["s_cb"], a["s_ct"], a["s_ch"]) == gcum.stride()[:3]
+    assert (a["s_ub"], a["s_ut"], a["s_uh"]) == bound.stride() and a["t_total"] == 200
+    assert (a["GROUP"], a["K"], a["DECAY_BOUND"]) == (2, 128, decay_bound)
+
+
 @pytest.mark.parametrize("partition_chunks", [1, None])
 def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, device):
     """With the Gluon passes taken (forced here, wherever the test runs), the prefill hands them the
@@ -122,8 +142,20 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, devic
         o.zero_()
         final.zero_()
 
+    def inverse(k, g, beta, tinv, gcum, chunks, num_chunks, bound, hv, group, decay_bound, k_desc, sites=None,
+                device_index=0):
+        # the Triton inverse on the same buffers, so that what reads them downstream runs as it would
+        calls["inverse"] = dict(tinv=(tinv.shape, tinv.dtype), gcum=gcum.shape, chunks=chunks.shape,
+                                num_chunks=num_chunks, hv=hv, group=group, decay_bound=decay_bound,
+                                bound=bound.shape if decay_bound else None, k_desc=k_desc)
+        cfg = tc.launch_config(k.dtype, 128, 128, group, hv, False)["inverse"]
+        tc._inverse_kernel[(num_chunks, hv)](k, g, beta, tinv, gcum, chunks, bound, *k.stride(), *g.stride(),
+                                             *beta.stride(), *tinv.stride()[:3], *gcum.stride()[:3],
+                                             *bound.stride()[:3], DECAY_BOUND=decay_bound, **cfg)
+
     monkeypatch.setattr(chunk_sm90, "may_run", lambda q, v, l2: True)
     monkeypatch.setattr(chunk_sm90, "supported", lambda q, v, rec: True)
+    monkeypatch.setattr(inverse_sm90, "inverse", inverse)
     monkeypatch.setattr(chunk_sm90, "map_pass", map_pass)
     monkeypatch.setattr(chunk_sm90, "output_pass", output_pass)
     case = make_case("random", torch.bfloat16, device, seed=1, seq_len=200, heads=2, value_heads=4, dk=128)
@@ -145,7 +177,15 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, devic
     assert calls["out"]["final"] == (bsz, 4, 128, 128) and calls["out"]["o"] == tuple(v.shape)
     assert calls["out"]["scale"] == 0.125 and (calls["out"]["hv"], calls["out"]["group"]) == (4, 2)
     assert calls["split_qs"] is tc.TUNING["gluon_split_qs"]
-    # one set of tile descriptors per call, shared by both passes: q, k, v and T_u's pair
+    # one set of tile descriptors per call, shared by the passes: q, k, v and T_u's pair; the
+    # Gluon inverse (on by default) reads k's
     descs = calls["out_descs"]
     assert all(d.base is x for d, x in zip(descs, (q, k, v))) and descs[3].base.shape == (bsz, t_len, 8, 64)
     assert "map" not in calls or calls["map_descs"] is descs
+    if tc.TUNING["gluon_inverse"]:
+        inv = calls["inverse"]
+        assert inv["k_desc"] is descs[1] and inv["tinv"] == ((bsz, t_len, 8, 64), torch.bfloat16)
+        assert inv["gcum"] == (bsz, t_len, 4, 2) and (inv["hv"], inv["group"]) == (4, 2)
+        assert inv["num_chunks"] == bsz * 4 and inv["chunks"][0] >= inv["num_chunks"]
+        # the map-norm bounds where maps may be skipped
+        assert inv["decay_bound"] == ("map" in calls and tc.TUNING["skip_negligible_maps"])

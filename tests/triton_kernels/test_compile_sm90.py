@@ -22,13 +22,13 @@ def test_all_kernels_fit_in_shared_memory():
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     # per dim: 7 prefill kernels (inverse with and without the map bounds, warm start, plan choice,
     # output and map passes, chain) per dtype, 2 token-loop kernels; + the Gluon passes (output, lead: rows may
-    # be empty, map, the transposed output pass; bf16, K = 128)
-    assert len(rows) == 2 * (2 * 7 + 2) + 4
+    # be empty, map, the transposed output pass) and the Gluon inverse with and without the bounds (bf16, K = 128)
+    assert len(rows) == 2 * (2 * 7 + 2) + 6
     too_big = [r for r in rows if r["shared"] > SHARED_LIMIT]
     assert not too_big, too_big
     # the prefill's tensor-core products are Hopper's wgmma, not the older mma.sync path
     assert all(r["wgmma"] > 0 for r in rows if r["kernel"] in ("output pass", "gluon output pass", "gluon map pass",
-                                                                  "gluon transposed output pass"))
+                                                                  "gluon transposed output pass", "gluon inverse"))
     assert [r["dim"] for r in rows if r["kernel"] == "gluon output pass"] == [128]
 
 
@@ -48,6 +48,7 @@ def test_gluon_passes_fit_two_per_sm_without_hoisted_descriptors():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = {r["kernel"]: r for r in map(json.loads, res.stdout.splitlines())}
+    inverse = {name: rows.pop(name) for name in ("gluon inverse", "gluon inverse, map bounds")}
     assert set(rows) == {"gluon output pass", "gluon lead pass", "gluon map pass", "gluon transposed output pass"}
     for r in rows.values():
         assert 2 * (r["shared"] + 1024) <= 233472, r  # 228 KB per SM, 1 KB reserved per block
@@ -61,3 +62,27 @@ def test_gluon_passes_fit_two_per_sm_without_hoisted_descriptors():
         # the transposed output pass (off by default) holds its pairs as register operands: 224 B
         # in v5.2, timed with it (NOTES.md); the bound catches it getting worse
         assert rows["gluon transposed output pass"]["stack"] <= 256, rows
+
+
+def test_gluon_inverse_fits_four_per_sm():
+    """The Gluon inverse (inverse_sm90.py) is latency-bound per program, so several must share an
+    SM: four fit (107 and 127 registers without spill, 42 KB of shared memory, v5.3). Its own
+    products are mma.sync, its gram one wgmma."""
+    from flashdelta.triton import inverse_sm90
+
+    assert inverse_sm90.NUM_WARPS == 4
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json; from flashdelta.triton import aot\n"
+            "for name, k in aot.sm90_kernels():\n"
+            "    if 'inverse' in name:\n"
+            "        print(json.dumps(dict(kernel=name, shared=k.metadata.shared, ptx=k.asm['ptx'].count('mma.sync'),\n"
+            "                              wgmma=k.asm['ptx'].count('wgmma.mma_async'), **aot.registers(k))))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {r["kernel"]: r for r in map(json.loads, res.stdout.splitlines())}
+    assert set(rows) == {"gluon inverse", "gluon inverse, map bounds"}
+    for r in rows.values():
+        assert 4 * (r["shared"] + 1024) <= 233472, r
+        assert r["wgmma"] > 0 and r["ptx"] > 0, r
+        if "registers" in r:
+            assert r["registers"] <= 128 and r["stack"] == 0, r  # 4 warps x 4 programs x 128 = 65536

@@ -138,6 +138,10 @@ def test_gluon_sm90_passes(kind, seq_len, partition_chunks, packed_split, split_
 
     monkeypatch.setitem(tc.TUNING, "gluon_packed_split", packed_split)
     monkeypatch.setitem(tc.TUNING, "gluon_split_qs", split_qs)
+    # both runs from the Triton inverse's T_u: the passes alone are compared here (the Gluon
+    # inverse's T_u differs in its last bits, which near-identical keys amplify in o to ~2e-4;
+    # it is checked against the Triton inverse and the oracle in test_gluon_inverse)
+    monkeypatch.setitem(tc.TUNING, "gluon_inverse", False)
 
     def run(on):
         monkeypatch.setitem(tc.TUNING, "gluon_sm90", on)
@@ -202,6 +206,81 @@ def test_gluon_transposed_output_pass(kind, seq_len, partition_chunks, split_qs,
     assert torch.equal(o_t, o_t2) and torch.equal(s_t, s_t2)
     assert torch.equal(o_t, o_c) and torch.equal(s_t, s_c), (rel_l2(o_t, o_c), rel_l2(s_t, s_c))
     assert rel_l2(o_t, o_ref) <= 4e-3 and rel_l2(s_t, s_ref) <= 1e-3, (rel_l2(o_t, o_ref), rel_l2(s_t, s_ref))
+
+
+def _chunk_starts(t_len, cu_seqlens):
+    starts = torch.zeros(t_len, dtype=torch.bool, device="cuda")
+    if cu_seqlens is None:
+        starts[::64] = True
+    else:
+        cu = [int(x) for x in cu_seqlens.tolist()]
+        for a, b in zip(cu[:-1], cu[1:]):
+            starts[a:b:64] = True
+    return starts
+
+
+@pytest.mark.skipif(not _hopper(), reason="the Gluon kernels are sm_90 only")
+@pytest.mark.parametrize("kind", ["random", "near_identical_keys", "cyclic_keys", "strong_decay", "zero_decay",
+                                  "beta_0_2", "large_initial_state", "varlen"])
+@pytest.mark.parametrize("seq_len", [130, 1000])
+def test_gluon_inverse(kind, seq_len):
+    """The Gluon inverse (inverse_sm90.py) against the Triton one on the same chunks: T_u (hi + lo)
+    within 1e-6 relative (the same split products, sums in another order; 2e-7 at most measured
+    in v5.3), the gates' prefix sums and the map-norm bounds the same, nothing written past a
+    chunk's rows, deterministic. Outputs poisoned first."""
+    from flashdelta.triton import chunk as tc
+    from flashdelta.triton import chunk_sm90, inverse_sm90
+
+    case = make_case(kind, torch.bfloat16, "cuda", seed=13, seq_len=seq_len, heads=2, value_heads=4, dk=128)
+    q, k, v, g, beta = case.args()
+    cu = case.kwargs.get("cu_seqlens")
+    bsz, t_len, hv = q.shape[0], q.shape[1], v.shape[2]
+    if cu is None:
+        seqs = tuple((b, 0, t_len) for b in range(bsz))
+    else:
+        c = [int(x) for x in cu.tolist()]
+        seqs = tuple((0, c[i], c[i + 1]) for i in range(len(c) - 1))
+    plan, cfg, _, gluon, _, _ = tc._setup(q, k, v, seqs, False, None)
+    assert gluon
+
+    def run(triton_kernel):
+        tinv = torch.full((bsz, t_len, 2 * hv, 64), float("nan"), dtype=torch.bfloat16, device="cuda")
+        gcum = torch.full((bsz, t_len, hv, 2), float("nan"), device="cuda")
+        bound = torch.full((bsz, t_len, hv), float("nan"), device="cuda")
+        if triton_kernel:
+            tc._inverse_kernel[(plan["num_chunks"], hv)](
+                k, g, beta, tinv, gcum, plan["chunks"], bound, *k.stride(), *g.stride(), *beta.stride(),
+                *tinv.stride()[:3], *gcum.stride()[:3], *bound.stride()[:3], DECAY_BOUND=True, **cfg["inverse"])
+        else:
+            inverse_sm90.inverse(k, g, beta, tinv, gcum, plan["chunks"], plan["num_chunks"], bound, hv, hv // 2,
+                                 True, chunk_sm90.descriptor(k, 128))
+        return tinv, gcum, bound
+
+    ref, out, again = run(True), run(False), run(False)
+    starts = _chunk_starts(t_len, cu)
+    if cu is not None:  # tokens past the last sequence belong to no chunk: unwritten by both
+        t_valid = int(cu[-1])
+        assert torch.isnan(out[1][:, t_valid:]).all() and torch.isnan(out[0][:, t_valid:].float()).all()
+        ref, out, again = ([x[:, :t_valid] for x in r] for r in (ref, out, again))
+        starts = starts[:t_valid]
+    assert all(torch.equal(a, b) for a, b in zip(out[:2], again[:2]))
+    assert torch.equal(out[2][:, starts], again[2][:, starts])
+    pair = lambda t: t.float().view(*t.shape[:2], hv, 2, 64).sum(3)  # noqa: E731
+    assert not torch.isnan(pair(out[0])).any() and not torch.isnan(out[1]).any()
+    assert rel_l2(pair(out[0]), pair(ref[0])) <= 1e-6, rel_l2(pair(out[0]), pair(ref[0]))
+    assert torch.allclose(out[1].double().sum(-1), ref[1].double().sum(-1), rtol=1e-12, atol=1e-12)
+    assert not torch.isnan(out[2][:, starts]).any()
+    assert torch.allclose(out[2][:, starts], ref[2][:, starts], rtol=1e-5, atol=1e-5)
+    # the prefill with it (the default on sm_90): the exactness goal, with and without partitions
+    assert tc.TUNING["gluon_inverse"]
+    o_ref, s_ref = oracle(case)
+    n_seqs = len(seqs)
+    for pc in (None, 3):
+        o = torch.full_like(v, float("nan"))
+        s = torch.full((n_seqs, hv, 128, 128), float("nan"), device="cuda")
+        chunk_gated_delta_rule_fwd(q, k, v, g, beta, 128 ** -0.5, case.kwargs.get("initial_state"), True, cu, False,
+                                   partition_chunks=pc, out=o, final_state_out=s)
+        assert rel_l2(o, o_ref) <= 4e-3 and rel_l2(s, s_ref) <= 1e-3, (rel_l2(o, o_ref), rel_l2(s, s_ref))
 
 
 class _CountedKernel:

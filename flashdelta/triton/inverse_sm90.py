@@ -1,0 +1,285 @@
+"""The prefill's inverse kernel for Hopper (sm_90) in Gluon: T_u = (I + A)^-1 diag(beta) of
+each chunk, by the same blocked substitution as `chunk._inverse_kernel` (16 x 16 diagonal
+blocks by doubling, then the level-16 and level-32 merges on their nonzero blocks only).
+
+Why a second kernel: the Triton one runs the shared-memory pipe at 73% of its peak (v5.2 ncu)
+on the layout conversions around its small products (reshape / permute / split of [4, 16, 16]
+and [2, 32, 32] tiles), with the tensor pipe at 15%. Here warp w of the warpgroup owns rows
+16 w .. 16 w + 15 of every tile, from the gram's wgmma accumulator on, so the chunk's blocks
+are per-warp tensors: [4, 16, N] with the warp as the batch. Every small product is an
+mma.sync whose first operand is an accumulator relabelled in registers; only its second
+operand is stored (a bf16 pair) and read back with ldmatrix. Products of two per-warp
+matrices are batched (warp w: its own second operand); where the second operand is the same
+for every warp (the level-32 merge: the chunk's top-left block; the level-16 A_{w, w-1} T_{w-1}:
+T_0 or T_2, both computed, one kept per warp) it is a plain product over rows. T_u leaves
+through k's tile (free after the gram) in 16-byte rows. v5.3 on the H100: inverse -35 to -38%
+against the Triton kernel; ncu: the shared-memory / L1 pipe at 80% of its peak (NOTES.md).
+
+Scope: as `chunk_sm90.supported` (bf16 k without the in-kernel L2 norm, K = 128, T_u as a
+bf16 pair, TMA-readable k). The results are the Triton kernel's up to the order of the sums
+inside the products (checked on the GPU against it and the fp64 oracle).
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+from .chunk_sm90 import _hi_lo
+from .launch import launch
+
+LOG2E = gl.constexpr(1.4426950408889634)
+NUM_WARPS = 4  # one warpgroup: the gram's wgmma; 107 registers, 42 KB: four programs per SM
+
+# warp w owns rows 16 w .. 16 w + 15: the gram's accumulator, the same tiles as [64, N] (M2)
+# and as [4, 16, N] batches of one warp each (M3); the three share their registers
+ACC = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16]))
+M2 = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8]))
+M3 = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1, 1], instr_shape=[1, 16, 8]))
+A2 = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=M2, k_width=2))
+B2 = gl.constexpr(gl.DotOperandLayout(operand_index=1, parent=M2, k_width=2))
+A3 = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=M3, k_width=2))
+B3 = gl.constexpr(gl.DotOperandLayout(operand_index=1, parent=M3, k_width=2))
+ROW3 = gl.constexpr(gl.SliceLayout(2, M3))  # [4, 16]: a value per row
+COL3 = gl.constexpr(gl.SliceLayout(0, gl.SliceLayout(1, M3)))  # [N]: a value per column
+GATE = gl.constexpr(gl.BlockedLayout([1], [32], [4], [0]))  # [64]: the chunk's gates for the prefix sum
+# [.., 16] bf16 rows (32 bytes): the 16-byte halves of rows 4 .. 7 of each 8 swapped, so the 8
+# rows an ldmatrix / stmatrix touches fall in distinct banks (unswizzled: 2-way conflicts)
+PAIR3 = gl.constexpr(gl.SwizzledSharedLayout(8, 4, 2, [2, 1, 0]))
+PAIR2 = gl.constexpr(gl.SwizzledSharedLayout(8, 4, 2, [1, 0]))
+FLAT = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [0]))
+OUT_SMEM = gl.constexpr(gl.SwizzledSharedLayout(8, 1, 8, [1, 0]))  # [64, 64] bf16: 16-byte vectors, rows swizzled
+OUT = gl.constexpr(gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0]))  # 16 bytes per thread, a row per 8 threads
+
+
+@gluon.jit
+def _index3(N: gl.constexpr):
+    """Index tensors of the M3 layout: warp (batch) [4, 1, 1], row [1, 16, 1], column [1, 1, N]."""
+    w = gl.arange(0, 4, layout=gl.SliceLayout(1, ROW3))
+    r = gl.arange(0, 16, layout=gl.SliceLayout(0, ROW3))
+    c = gl.arange(0, N, layout=COL3)
+    return w[:, None, None], r[None, :, None], c[None, None, :]
+
+
+@gluon.jit
+def _column_blocks(x):
+    """The four 16-column blocks of x [4, 16, 64] (M3), each [4, 16, 16] (M3): register picks
+    (a thread holds its columns of every block)."""
+    y = gl.permute(gl.reshape(x, [4, 16, 2, 2, 16]), (0, 1, 4, 3, 2))  # [.., col, block bit 0, block bit 1]
+    first, second = gl.split(y)  # blocks 0, 1 and 2, 3
+    b0, b1 = gl.split(first)
+    b2, b3 = gl.split(second)
+    return (gl.convert_layout(b0, M3, assert_trivial=True), gl.convert_layout(b1, M3, assert_trivial=True),
+            gl.convert_layout(b2, M3, assert_trivial=True), gl.convert_layout(b3, M3, assert_trivial=True))
+
+
+@gluon.jit
+def _pick(blocks, w):
+    """Per warp w ([4, 1, 1]) the block blocks[w] (a select; zero where w is outside 0 .. 3)."""
+    b0, b1, b2, b3 = blocks
+    return gl.where(w == 0, b0, gl.where(w == 1, b1, gl.where(w == 2, b2, gl.where(w == 3, b3, 0.0))))
+
+
+@gluon.jit
+def _to2(x):
+    """[4, 16, N] (M3) as [64, N] (M2): the same registers."""
+    return gl.convert_layout(gl.reshape(x, [64, x.shape[2]]), M2, assert_trivial=True)
+
+
+@gluon.jit
+def _to3(x):
+    """[64, N] (M2) as [4, 16, N] (M3): the same registers."""
+    return gl.convert_layout(gl.reshape(x, [4, 16, x.shape[1]]), M3, assert_trivial=True)
+
+
+@gluon.jit
+def _store_pair(x, hi_smem, lo_smem):
+    hi, lo = _hi_lo(x)
+    hi_smem.store(hi)
+    lo_smem.store(lo)
+
+
+@gluon.jit
+def _mm3(a, hi_smem, lo_smem):
+    """a [4, 16, 16] (M3, fp32) @ (hi + lo) [4, 16, 16] per warp, as the Triton kernel's split
+    product: hi hi, lo hi, hi lo, fp32 accumulation."""
+    a_hi, a_lo = _hi_lo(a)
+    a_hi = gl.convert_layout(a_hi, A3)
+    a_lo = gl.convert_layout(a_lo, A3)
+    b_hi = hi_smem.load(B3)
+    b_lo = lo_smem.load(B3)
+    acc = mma_v2(a_hi, b_hi, gl.zeros([4, 16, 16], gl.float32, M3))
+    acc = mma_v2(a_lo, b_hi, acc)
+    return mma_v2(a_hi, b_lo, acc)
+
+
+@gluon.jit
+def _mm3_own(a, b, hi_smem, lo_smem):
+    """a @ b for per-warp [4, 16, 16] tiles (b through this warp's slot of the pair buffers)."""
+    _store_pair(b, hi_smem, lo_smem)
+    gl.thread_barrier()
+    return _mm3(a, hi_smem, lo_smem)
+
+
+@gluon.jit
+def _mm2(a, hi_smem, lo_smem, acc):
+    """acc + a [64, 16] (M2, fp32) @ (hi + lo) [16, N] shared by every warp (split product)."""
+    a_hi, a_lo = _hi_lo(a)
+    a_hi = gl.convert_layout(a_hi, A2)
+    a_lo = gl.convert_layout(a_lo, A2)
+    b_hi = hi_smem.load(B2)
+    b_lo = lo_smem.load(B2)
+    acc = mma_v2(a_hi, b_hi, acc)
+    acc = mma_v2(a_lo, b_hi, acc)
+    return mma_v2(a_hi, b_lo, acc)
+
+
+@gluon.jit
+def _piece(t, t_sub, w, cb: gl.constexpr):
+    """Column block cb of the level-16 tile for warp w: its diagonal block t where w = cb,
+    the odd warps' T_{w, w-1} where w = cb + 1, else zero."""
+    return gl.where(w == cb, t, gl.where((w % 2 == 1) & (w == cb + 1), t_sub, 0.0))
+
+
+@gluon.jit
+def _inverse_kernel(
+    k_desc, g_ptr, beta_ptr, t_ptr, gcum_ptr, chunk_ptr, bound_ptr,
+    s_gb, s_gt, s_gh, s_bb, s_bt, s_bh, s_tb, s_tt, s_th, s_cb, s_ct, s_ch, s_ub, s_ut, s_uh, t_total,
+    GROUP: gl.constexpr, K: gl.constexpr, DECAY_BOUND: gl.constexpr,
+):
+    """Grid (chunks, value heads): chunk rows (b, t0, n) at chunk_ptr; k_desc: k as [B * T, H * K],
+    tiles [64, K]. For value head h: T_u (bf16 hi at head 2h, lo at 2h + 1 of t_ptr
+    [B, T, 2 HV, 64]), the gates' prefix sums G log2 e as fp32 hi + lo at gcum_ptr [B, T, HV, 2],
+    and with DECAY_BOUND the log2 bound on the chunk's map norm at bound_ptr[b, t0, h] (as
+    `chunk._inverse_kernel`). Rows past n are not written."""
+    i_c = gl.program_id(0)
+    i_h = gl.program_id(1)
+    b = gl.load(chunk_ptr + i_c * 3).to(gl.int64)
+    t0 = gl.load(chunk_ptr + i_c * 3 + 1).to(gl.int64)
+    n = gl.load(chunk_ptr + i_c * 3 + 2)
+
+    k_smem = gl.allocate_shared_memory(gl.bfloat16, [64, K], k_desc.layout)
+    bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(bar, count=1)
+    mbarrier.expect(bar, k_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [(b * t_total + t0).to(gl.int32), (i_h // GROUP) * K], bar, k_smem)
+    # per-warp second operands (slot w: warp w's); the diagonal blocks, the level-16 tile's
+    # first two column blocks and Y, read by every warp
+    own_hi = gl.allocate_shared_memory(gl.bfloat16, [4, 16, 16], PAIR3)
+    own_lo = gl.allocate_shared_memory(gl.bfloat16, [4, 16, 16], PAIR3)
+    d_hi = gl.allocate_shared_memory(gl.bfloat16, [64, 16], PAIR2)
+    d_lo = gl.allocate_shared_memory(gl.bfloat16, [64, 16], PAIR2)
+    p_hi = gl.allocate_shared_memory(gl.bfloat16, [2, 64, 16], PAIR2)
+    p_lo = gl.allocate_shared_memory(gl.bfloat16, [2, 64, 16], PAIR2)
+    y_hi = gl.allocate_shared_memory(gl.bfloat16, [2, 64, 16], PAIR2)
+    y_lo = gl.allocate_shared_memory(gl.bfloat16, [2, 64, 16], PAIR2)
+    beta_smem = gl.allocate_shared_memory(gl.float32, [64], FLAT)
+    # T_u's pair [2, 64, 64] over k's tile once the gram is done
+    out = k_smem._reinterpret(gl.bfloat16, [2, 64, 64], OUT_SMEM)
+
+    w3, r3, c3 = _index3(64)
+    row3 = 16 * w3 + r3
+    _, rr, cc = _index3(16)
+
+    # the gates while k is in flight: G = prefix sums of g in fp64 (differences of large sums
+    # stay exact under strong decay), in log2 units (every gate one exp2 of a difference)
+    rg = gl.arange(0, 64, layout=GATE)
+    g = gl.load(g_ptr + b * s_gb + (t0 + rg) * s_gt + i_h * s_gh, mask=rg < n, other=0.0).to(gl.float64)
+    # beta once from global memory (a line per token), by row and by column from shared memory
+    beta = gl.load(beta_ptr + b * s_bb + (t0 + rg) * s_bt + i_h * s_bh, mask=rg < n, other=0.0)
+    beta_smem.store(beta)
+    G = gl.associative_scan(g, 0, _add) * LOG2E
+    c_ptr = gcum_ptr + b * s_cb + (t0 + rg) * s_ct + i_h * s_ch
+    G_hi = G.to(gl.float32)
+    gl.store(c_ptr, G_hi, mask=rg < n)
+    gl.store(c_ptr + 1, (G - G_hi.to(gl.float64)).to(gl.float32), mask=rg < n)
+    gl.thread_barrier()
+    beta_r = beta_smem.reshape([4, 16]).load(ROW3)
+    G_r = gl.convert_layout(gl.reshape(G, [4, 16]), ROW3)
+    G_c = gl.convert_layout(G, COL3)
+    gate = gl.exp2((G_r[:, :, None] - G_c[None, None, :]).to(gl.float32))
+
+    mbarrier.wait(bar, 0)
+    gram = warpgroup_mma(k_smem, k_smem.permute((1, 0)), gl.zeros([64, 64], gl.float32, ACC), use_acc=False,
+                         is_async=True)
+    gram = _to3(gl.convert_layout(warpgroup_mma_wait(num_outstanding=0, deps=(gram,)), M2, assert_trivial=True))
+    mbarrier.invalidate(bar)
+    if DECAY_BOUND:
+        # one token's map is e^{g_t} (I - beta_t k_t k_t^T), of norm e^{g_t} max(1, |1 - beta_t |k_t|^2|)
+        norm2 = gl.sum(gl.where(row3 == c3, gram, 0.0), axis=2)
+        growth = gl.log2(gl.maximum(gl.abs(1.0 - beta_r * norm2), 1.0))
+        bound = (gl.sum(g, 0) * LOG2E).to(gl.float32) + gl.sum(gl.sum(growth, 1), 0)
+        gl.store(bound_ptr + b * s_ub + t0 * s_ut + i_h * s_uh, bound)
+    a = gl.where((row3 > c3) & (row3 < n), gram * gate * beta_r[:, :, None], 0.0)
+
+    # the diagonal 16 x 16 blocks: T_2 = I - E_1, T_2s = T_s - T_s E_s T_s (s = 2, 4, 8)
+    blocks = _column_blocks(a)
+    lower = _pick(blocks, w3)
+    t = gl.where(rr == cc, 1.0, 0.0) - gl.where((rr % 2 == 1) & (cc == rr - 1), lower, 0.0)
+    for level in gl.static_range(1, 4):
+        e = gl.where(((rr >> level) % 2 == 1) & (cc >> level == (rr >> level) - 1), lower, 0.0)
+        et = _mm3_own(e, t, own_hi, own_lo)
+        t = t - _mm3_own(t, et, own_hi, own_lo)
+    # level 16 (odd warps): T_{w, w-1} = -T_w (A_{w, w-1} T_{w-1}); A_{w, w-1} T_0 and
+    # A_{w, w-1} T_2 for every warp (the second operands are shared), warp 3 takes the second
+    _store_pair(_to2(t), d_hi, d_lo)
+    gl.thread_barrier()
+    a_sub = _to2(_pick(blocks, w3 - 1))
+    zero = gl.zeros([64, 16], gl.float32, M2)
+    x = gl.where(w3 == 3, _to3(_mm2(a_sub, d_hi.slice(32, 16), d_lo.slice(32, 16), zero)),
+                 _to3(_mm2(a_sub, d_hi.slice(0, 16), d_lo.slice(0, 16), zero)))
+    t_sub = -_mm3_own(t, x, own_hi, own_lo)
+    # level 32 (warps 2, 3): their first two column blocks -T_33 (A_31 T_11), with
+    # T_11 = rows 0 .. 31 of the level-16 tile, T_33 its blocks (w, 2), (w, 3)
+    for cb in gl.static_range(2):
+        _store_pair(_to2(_piece(t, t_sub, w3, cb)), p_hi.index(cb), p_lo.index(cb))
+    gl.thread_barrier()
+    a_0 = _to2(blocks[0])
+    a_1 = _to2(blocks[1])
+    for cb in gl.static_range(2):
+        y = _mm2(a_0, p_hi.index(cb).slice(0, 16), p_lo.index(cb).slice(0, 16),
+                 gl.zeros([64, 16], gl.float32, M2))
+        y = _mm2(a_1, p_hi.index(cb).slice(16, 16), p_lo.index(cb).slice(16, 16), y)
+        _store_pair(y, y_hi.index(cb), y_lo.index(cb))
+    gl.thread_barrier()
+    t_2 = _to2(_piece(t, t_sub, w3, 2))  # block (w, 2): T_2 for warp 2, T_{3,2} for warp 3
+    t_3 = _to2(_piece(t, t_sub, w3, 3))
+
+    # T_u = T diag(beta) by 16-column blocks into k's tile (free since the gram), then out
+    # in rows of 16 bytes per thread
+    for cb in gl.static_range(4):
+        if cb < 2:
+            z = _mm2(t_2, y_hi.index(cb).slice(32, 16), y_lo.index(cb).slice(32, 16),
+                     gl.zeros([64, 16], gl.float32, M2))
+            z = _mm2(t_3, y_hi.index(cb).slice(48, 16), y_lo.index(cb).slice(48, 16), z)
+            piece = gl.where(w3 >= 2, -_to3(z), _piece(t, t_sub, w3, cb))
+        else:
+            piece = _piece(t, t_sub, w3, cb)
+        beta_c = beta_smem.slice(16 * cb, 16).load(COL3)[None, None, :]
+        _store_pair(_to2(piece * beta_c), out.index(0).slice(16 * cb, 16, dim=1),
+                    out.index(1).slice(16 * cb, 16, dim=1))
+    gl.thread_barrier()
+    ro = gl.arange(0, 64, layout=gl.SliceLayout(1, OUT))
+    co = gl.arange(0, 64, layout=gl.SliceLayout(0, OUT))
+    t_base = t_ptr + b * s_tb + t0 * s_tt + 2 * i_h * s_th + (ro * s_tt)[:, None] + co[None, :]
+    gl.store(t_base, out.index(0).load(OUT), mask=(ro < n)[:, None])
+    gl.store(t_base + s_th, out.index(1).load(OUT), mask=(ro < n)[:, None])
+
+
+@gluon.jit
+def _add(x, y):
+    return x + y
+
+
+def inverse(k, g, beta, tinv, gcum, chunks, num_chunks: int, bound, hv: int, group: int, decay_bound: bool,
+            k_desc, sites=None, device_index: int = 0):
+    """Launch over `num_chunks` chunk rows (chunk._plan's `chunks`) and the value heads: tinv
+    [B, T, 2 HV, 64] (bf16 pair), gcum [B, T, HV, 2] and, with `decay_bound`, bound [B, T, HV]
+    are written. k_desc: `chunk_sm90.descriptor(k, K)`. `sites`: the call layout's compiled
+    kernels (`launch.launch`)."""
+    launch(sites, "inverse", _inverse_kernel, (num_chunks, hv), (
+        k_desc, g, beta, tinv, gcum, chunks, bound, *g.stride(), *beta.stride(), *tinv.stride()[:3],
+        *gcum.stride()[:3], *bound.stride()[:3], k.shape[1]), dict(
+        GROUP=group, K=k.shape[3], DECAY_BOUND=decay_bound, num_warps=NUM_WARPS), device_index)
