@@ -693,7 +693,7 @@ TUNING = {
     "gluon_transposed": False,
     # the inverse in Gluon where the Gluon passes run (inverse_sm90.py: each warp owns 16 rows
     # of every tile, the small products as mma.sync on register first operands; T_u within
-    # 1e-8 of the Triton kernel's). H100: inverse -35 to -38%, kernels per call -7 to -12%
+    # 2e-7 of the Triton kernel's). H100: inverse -35 to -38%, kernels per call -7 to -12%
     # (NOTES.md v5.3); False: the Triton inverse (A/B checks)
     "gluon_inverse": True,
     # each sequence's first partition run beside the map pass (`_plan`'s lead rows): None lets
