@@ -48,7 +48,8 @@ def test_gluon_passes_fit_two_per_sm_without_hoisted_descriptors():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = {r["kernel"]: r for r in map(json.loads, res.stdout.splitlines())}
-    inverse = {name: rows.pop(name) for name in ("gluon inverse", "gluon inverse, map bounds")}
+    for name in ("gluon inverse", "gluon inverse, map bounds"):  # (test_gluon_inverse_fits_four_per_sm)
+        rows.pop(name)
     assert set(rows) == {"gluon output pass", "gluon lead pass", "gluon map pass", "gluon transposed output pass"}
     for r in rows.values():
         assert 2 * (r["shared"] + 1024) <= 233472, r  # 228 KB per SM, 1 KB reserved per block
