@@ -111,7 +111,7 @@ def sm90_kernels(arch: int = 90):
                      "t_desc": tile(g.CHUNK_SIZE), "gcum_ptr": "*fp32", "o_ptr": "*bf16", "state_in_ptr": "*fp32",
                      "state_out_ptr": "*fp32", "map_d_ptr": "*fp32", "map_m_ptr": "*fp32", "part_ptr": "*i32",
                      "warm_ptr": "*i32", "scale": "fp32", "g_ptr": "*fp32", "beta_ptr": "*fp32", "t_ptr": "*bf16",
-                     "chunk_ptr": "*i32", "bound_ptr": "*fp32"}
+                     "chunk_ptr": "*i32", "bound_ptr": "*fp32", "o_desc": tile(g.BLOCK_V)}
         signature = {n: t for n, t in signature.items() if n in fn.arg_names}
         if common:  # the recurrence passes' constants
             constexprs = dict(HV=32, V=128, PARTITIONED=True, PACKED_SPLIT=tc.TUNING["gluon_packed_split"],
@@ -133,6 +133,9 @@ def sm90_kernels(arch: int = 90):
                                                WARM=tc.TUNING["skip_negligible_maps"], MAY_BE_EMPTY=False))):
         if not mode["WARM"]:  # launched with warm_ptr None (a constexpr)
             mode["warm_ptr"] = None
+        mode["O_TMA"] = not mode["MAP"] and tc.TUNING["gluon_o_tma"]
+        if not mode["O_TMA"]:  # launched with o_desc None
+            mode["o_desc"] = None
         yield name, compile_gluon(g._recurrence_kernel, mode)
     # the output pass on transposed tiles (TUNING["gluon_transposed"], off by default)
     yield "gluon transposed output pass", compile_gluon(g._output_kernel_t, dict(

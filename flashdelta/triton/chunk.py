@@ -691,6 +691,9 @@ TUNING = {
     # the Gluon output pass on transposed tiles (chunk_sm90._output_kernel_t: the intermediates'
     # pairs as register operands, less shared-memory traffic); off until measured (NOTES.md v5.2)
     "gluon_transposed": False,
+    # the Gluon output pass stores o's full chunks through shared memory by TMA (chunk_sm90
+    # O_TMA) instead of 4-byte stores from the registers (NOTES.md v5.4); False: the stores (A/B)
+    "gluon_o_tma": True,
     # the inverse in Gluon where the Gluon passes run (inverse_sm90.py: each warp owns 16 rows
     # of every tile, the small products as mma.sync on register first operands; T_u within
     # 2e-7 of the Triton kernel's). H100: inverse -35 to -38%, kernels per call -7 to -12%
@@ -1086,6 +1089,9 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
         gluon_descs = chunk_sm90.descriptors(q, k, v, tinv)
         gluon_kw = dict(packed_split=TUNING["gluon_packed_split"], descs=gluon_descs, sites=sites,
                         device_index=device_index)
+        # (o as TMA writes it, where the caller's `out` allows; the transposed pass stores by rows)
+        o_desc = (chunk_sm90.descriptor(o, chunk_sm90.BLOCK_V) if TUNING["gluon_o_tma"] and not TUNING["gluon_transposed"]
+                  and _tma_readable(o, dv, chunk_sm90.BLOCK_V) else None)
     if gluon and TUNING["gluon_inverse"]:
         inverse_sm90.inverse(k, g, beta, tinv, gcum, plan["chunks"], plan["num_chunks"], bound, hv, group, warm,
                              gluon_descs[1], sites=sites, device_index=device_index)
@@ -1130,7 +1136,8 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
             if gluon:
                 chunk_sm90.output_pass(q, k, v, gcum, tinv, o, h0, starts, leads, plan["num_leads"], True,
                                        scale, hv, group, split_qs=TUNING["gluon_split_qs"], may_be_empty=adaptive,
-                                       site="lead pass", transposed=TUNING["gluon_transposed"], **gluon_kw)
+                                       site="lead pass", transposed=TUNING["gluon_transposed"], o_desc=o_desc,
+                                       **gluon_kw)
             else:
                 run("lead pass", _recurrence_kernel, (plan["num_leads"] * hv * nvb,),
                     *tiles, h0, starts, None, None, leads, None, *strides, scale, t_len,
@@ -1155,7 +1162,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     if gluon:
         chunk_sm90.output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, plan["num_parts"],
                                partitioned, scale, hv, group, split_qs=TUNING["gluon_split_qs"], site="output pass",
-                               transposed=TUNING["gluon_transposed"], **gluon_kw)
+                               transposed=TUNING["gluon_transposed"], o_desc=o_desc, **gluon_kw)
         return o, final
     run("output pass", _recurrence_kernel, (plan["num_parts"] * hv * nvb,),
         *tiles, state_in, final, None, None, parts, None, *strides, scale, t_len,

@@ -86,13 +86,26 @@ def _partition_row(part_ptr, i_p):
 
 
 @gluon.jit
+def _gates(gcum_ptr, b, t0, t_end, i_h, s_cb, s_ct, s_ch, rt, C: gl.constexpr):
+    """The chunk at t0's gate prefix sums G (hi, lo by row; 0 past t_end) and its last row's
+    (G_C). Past the last chunk (t0 >= t_end) the rows are masked and G_C is row t_end - 1's."""
+    n = gl.minimum(t_end - t0, C)
+    c_row = gcum_ptr + b * s_cb + t0 * s_ct + i_h * s_ch
+    g_hi = gl.load(c_row + rt * s_ct, mask=rt < n, other=0.0)
+    g_lo = gl.load(c_row + rt * s_ct + 1, mask=rt < n, other=0.0)
+    last_hi = gl.load(c_row + (n - 1) * s_ct)
+    last_lo = gl.load(c_row + (n - 1) * s_ct + 1)
+    return g_hi, g_lo, last_hi, last_lo
+
+
+@gluon.jit
 def _recurrence_kernel(
     q_desc, k_desc, v_desc, t_desc, gcum_ptr, o_ptr, state_in_ptr, state_out_ptr, map_d_ptr, map_m_ptr, part_ptr,
-    warm_ptr, s_cb, s_ct, s_ch, s_ob, s_ot, s_oh, scale, t_total,
+    warm_ptr, s_cb, s_ct, s_ch, s_ob, s_ot, s_oh, scale, t_total, o_desc,
     HV: gl.constexpr, GROUP: gl.constexpr, K: gl.constexpr, V: gl.constexpr, MAP: gl.constexpr,
     HAS_STATE_IN: gl.constexpr, PARTITIONED: gl.constexpr, STORE_FINAL: gl.constexpr,
     PACKED_SPLIT: gl.constexpr = True, SPLIT_QS: gl.constexpr = True, WARM: gl.constexpr = False,
-    MAY_BE_EMPTY: gl.constexpr = False,
+    MAY_BE_EMPTY: gl.constexpr = False, O_TMA: gl.constexpr = False,
 ):
     """Grid (partitions x HV x V / 64), or (maps x HV x (V / 64 + K / 64)) when MAP (column
     blocks past V / 64 are M's), flattened with the row slowest. q/k/v_desc: [B * T, heads * dim]
@@ -100,7 +113,10 @@ def _recurrence_kernel(
     part_ptr rows: (b, t_start, t_end, seq, slot, is_last) as `chunk._plan`. WARM (MAP):
     `chunk._warm_start_kernel`'s table at warm_ptr: where D's run starts, whether M is
     negligible (then 0, and nothing is fetched). MAY_BE_EMPTY: rows may have no chunk (the
-    empty leads of chunk._choose_plan_kernel's plan B: the start state is stored as it is)."""
+    empty leads of chunk._choose_plan_kernel's plan B: the start state is stored as it is).
+    O_TMA: o of full chunks leaves through shared memory and a TMA store (o_desc: o as [B * T,
+    HV * V], [64, 64] tiles): 16 4-byte stores per thread per chunk held their registers and a
+    fence waited on them (NOTES.md v5.4); a ragged last chunk is stored by rows with the mask."""
     C: gl.constexpr = 64
     BV: gl.constexpr = 64
     NVB: gl.constexpr = V // BV
@@ -152,6 +168,8 @@ def _recurrence_kernel(
     bar_k = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     bar_v = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     bar_t = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    if O_TMA:
+        o_all = gl.allocate_shared_memory(gl.bfloat16, [1, C, BV], o_desc.layout)
     mbarrier.init(bar_k.index(0), count=1)
     mbarrier.init(bar_k.index(1), count=1)
     mbarrier.init(bar_v, count=1)
@@ -202,6 +220,8 @@ def _recurrence_kernel(
         zero = gl.zeros([C, BV], gl.float32, acc_l)  # (use_acc=False: never read)
         k_cur = k_smem.index(buf)
         z = c >> 30  # 0, opaque to the compiler: descriptors stay loop-variant (module doc)
+        if O_TMA:  # the previous chunk's o has been read out of its buffer (barriers follow before the rewrite)
+            tma.store_wait(0)
         v_smem = v_all.index(z)
         th_smem = th_all.index(z)
         tl_smem = tl_all.index(z)
@@ -214,11 +234,7 @@ def _recurrence_kernel(
         # the next chunk's k into the other buffer (its last reader, the previous step, is done)
         _issue(k_desc, row + C, col_k, bar_k.index(1 - buf), k_smem.index(1 - buf), more)
         n = gl.minimum(t_end - t0, C)
-        c_row = gcum_ptr + b * s_cb + t0 * s_ct + i_h * s_ch
-        g_hi = gl.load(c_row + rt * s_ct, mask=rt < n, other=0.0)
-        g_lo = gl.load(c_row + rt * s_ct + 1, mask=rt < n, other=0.0)
-        last_hi = gl.load(c_row + (n - 1) * s_ct)
-        last_lo = gl.load(c_row + (n - 1) * s_ct + 1)
+        g_hi, g_lo, last_hi, last_lo = _gates(gcum_ptr, b, t0, t_end, i_h, s_cb, s_ct, s_ch, rt, C)
 
         # K S (and Q S) from the state's bf16 pair (stored by the previous step or the prologue)
         mbarrier.wait(bar_k.index(buf), (c // 2) & 1)
@@ -311,15 +327,26 @@ def _recurrence_kernel(
             s_hi, s_lo = _hi_lo(state, PACKED_SPLIT)
             # (A's registers are operands until the products are done: kept alive through the wait)
             o, a_hi, a_lo = warpgroup_mma_wait(num_outstanding=0, deps=(o, a_hi, a_lo))
+            o_out = (o * scale).to(o_ptr.dtype.element_ty)
             o_base = o_ptr + b * s_ob + t0 * s_ot + i_h * s_oh + c0
-            gl.store(o_base + (rt * s_ot)[:, None] + ct[None, :], (o * scale).to(o_ptr.dtype.element_ty),
-                     mask=(rt < n)[:, None])
+            if O_TMA:  # full chunks by TMA (a ragged last chunk's would write the next sequence's rows)
+                if n == C:
+                    o_all.index(z).store(o_out)  # (stored below, after the fence)
+                else:
+                    gl.store(o_base + (rt * s_ot)[:, None] + ct[None, :], o_out, mask=(rt < n)[:, None])
+            else:
+                gl.store(o_base + (rt * s_ot)[:, None] + ct[None, :], o_out, mask=(rt < n)[:, None])
         gl.thread_barrier()  # the state pair's rows are read: the next state's pair replaces them
         sh_smem.store(s_hi)
         sl_smem.store(s_lo)
         fence_async_shared()
         gl.thread_barrier()
+        if O_TMA:
+            if n == C:
+                tma.async_copy_shared_to_global(o_desc, [row, col_v], o_all.index(z))
 
+    if O_TMA:
+        tma.store_wait(0)  # (the last o tile is read before the program's shared memory goes)
     mbarrier.invalidate(bar_k.index(0))
     mbarrier.invalidate(bar_k.index(1))
     mbarrier.invalidate(bar_v)
@@ -585,7 +612,7 @@ def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps: int, hv: int, gr
     dk, dv = q.shape[3], v.shape[3]
     launch(sites, "map pass", _recurrence_kernel, (num_maps * hv * (dv // BLOCK_V + dk // BLOCK_V),), (
         *(descs or descriptors(q, k, v, tinv)), gcum, None, None, None, map_d, map_m, maps, warm, *gcum.stride()[:3],
-        0, 0, 0, 1.0, q.shape[1]), dict(
+        0, 0, 0, 1.0, q.shape[1], None), dict(
         HV=hv, GROUP=group, K=dk, V=dv, MAP=True, HAS_STATE_IN=False, PARTITIONED=True, STORE_FINAL=False,
         PACKED_SPLIT=packed_split, WARM=warm is not None, num_warps=NUM_WARPS), device_index)
 
@@ -593,12 +620,13 @@ def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps: int, hv: int, gr
 def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts: int, partitioned: bool, scale: float,
                 hv: int, group: int, packed_split: bool = True, descs=None, split_qs: bool = True,
                 may_be_empty: bool = False, sites=None, device_index: int = 0, site: str = "output pass",
-                transposed: bool = False):
+                transposed: bool = False, o_desc=None):
     """Launch over `num_parts` partitions (rows of `parts`); o and final are written. `descs`:
     `descriptors(q, k, v, tinv)` when the caller has them. `may_be_empty`: rows of no chunk
     may come (they store their start state as the final one). `sites`, `site`: the call
     layout's compiled kernels and this launch's name in them (`launch.launch`). `transposed`:
-    `_output_kernel_t` instead of `_recurrence_kernel`."""
+    `_output_kernel_t` instead of `_recurrence_kernel`. `o_desc`: `descriptor(o, BLOCK_V)` to
+    store o's full chunks by TMA (`_recurrence_kernel`'s O_TMA), or None."""
     dk, dv = q.shape[3], v.shape[3]
     if transposed:
         launch(sites, site, _output_kernel_t, (num_parts * hv * (dv // BLOCK_V),), (
@@ -610,7 +638,7 @@ def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts: int, 
         return
     launch(sites, site, _recurrence_kernel, (num_parts * hv * (dv // BLOCK_V),), (
         *(descs or descriptors(q, k, v, tinv)), gcum, o, state_in, final, None, None, parts, None, *gcum.stride()[:3],
-        *o.stride()[:3], scale, q.shape[1]), dict(
+        *o.stride()[:3], scale, q.shape[1], o_desc), dict(
         HV=hv, GROUP=group, K=dk, V=dv, MAP=False, HAS_STATE_IN=state_in is not None, PARTITIONED=partitioned,
         STORE_FINAL=final is not None, PACKED_SPLIT=packed_split, SPLIT_QS=split_qs, MAY_BE_EMPTY=may_be_empty,
-        num_warps=NUM_WARPS), device_index)
+        O_TMA=o_desc is not None, num_warps=NUM_WARPS), device_index)

@@ -49,7 +49,8 @@ def _check_tiles(a, q, k, v, tinv):
         assert list(d.block_shape) == [chunk_sm90.CHUNK_SIZE, cols], name
 
 
-def test_output_pass_binds_its_arguments(monkeypatch):
+@pytest.mark.parametrize("o_tma", [False, True])
+def test_output_pass_binds_its_arguments(monkeypatch, o_tma):
     rec = _Recorder()
     monkeypatch.setattr(chunk_sm90, "_recurrence_kernel", rec)
     q, k, v, tinv, gcum = _inputs()
@@ -57,8 +58,15 @@ def test_output_pass_binds_its_arguments(monkeypatch):
     state_in = torch.empty(3, 4, 128, 128)
     final = torch.empty(2, 4, 128, 128)
     parts = torch.zeros(3, 6, dtype=torch.int32)
-    chunk_sm90.output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, 3, True, 0.125, 4, 2, False)
+    o_desc = chunk_sm90.descriptor(o, chunk_sm90.BLOCK_V) if o_tma else None
+    chunk_sm90.output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, 3, True, 0.125, 4, 2, False,
+                           o_desc=o_desc)
     ((grid, warps, a),) = rec.calls
+    # o's full chunks by TMA: [B * T, HV * V] in [64, 64] tiles, the kernel's constant follows
+    assert a["o_desc"] is o_desc and a["O_TMA"] is o_tma
+    if o_tma:
+        assert o_desc.base is o and list(o_desc.shape) == [2 * 192, 4 * 128]
+        assert list(o_desc.strides) == [o.stride(1), 1] and list(o_desc.block_shape) == [64, chunk_sm90.BLOCK_V]
     assert a["PACKED_SPLIT"] is False
     assert grid == (3 * 4 * (128 // chunk_sm90.BLOCK_V),) and warps == chunk_sm90.NUM_WARPS  # rows x heads x blocks
     _check_tiles(a, q, k, v, tinv)
@@ -115,10 +123,11 @@ def test_inverse_binds_its_arguments(monkeypatch, decay_bound):
     assert (a["GROUP"], a["K"], a["DECAY_BOUND"]) == (2, 128, decay_bound)
 
 
-@pytest.mark.parametrize("partition_chunks", [1, None])
-def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, device):
+@pytest.mark.parametrize("partition_chunks, out", [(1, None), (None, None), (None, "misaligned")])
+def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, device):
     """With the Gluon passes taken (forced here, wherever the test runs), the prefill hands them the
-    inverse's T_u pair and gate sums, the maps' buffers and the chain's starts."""
+    inverse's T_u pair and gate sums, the maps' buffers and the chain's starts, and o's TMA
+    descriptor where TMA can write o (not into a caller's `out` 2 bytes off 16-byte alignment)."""
     calls = {}
 
     def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps, hv, group, packed_split, descs, warm,
@@ -132,9 +141,10 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, devic
 
     def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts, partitioned, scale, hv, group,
                     packed_split, descs, split_qs, may_be_empty=False, sites=None, device_index=0, site=None,
-                    transposed=False):
+                    transposed=False, o_desc=None):
         assert site == "output pass" and transposed is False
         calls["out_descs"] = descs
+        calls["o_desc"] = o_desc
         calls["split_qs"] = split_qs
         calls["out"] = dict(state_in=None if state_in is None else state_in.shape, final=final.shape,
                             parts=parts.shape, num_parts=num_parts, partitioned=partitioned, scale=scale, hv=hv,
@@ -160,7 +170,11 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, devic
     monkeypatch.setattr(chunk_sm90, "output_pass", output_pass)
     case = make_case("random", torch.bfloat16, device, seed=1, seq_len=200, heads=2, value_heads=4, dk=128)
     q, k, v, g, beta = case.args()
-    tc.chunk_gated_delta_rule_fwd(q, k, v, g, beta, 0.125, None, True, partition_chunks=partition_chunks)
+    if out == "misaligned":
+        out = torch.empty(v.numel() + 1, dtype=v.dtype, device=device)[1:].view(v.shape)
+    o, _ = tc.chunk_gated_delta_rule_fwd(q, k, v, g, beta, 0.125, None, True, partition_chunks=partition_chunks,
+                                         out=out)
+    assert out is None or o is out
     bsz, t_len = q.shape[:2]
     if partition_chunks == 1:  # 4 chunks: 4 partitions, 3 maps, the chain's 4 starts
         assert calls["map"] == dict(gcum=(bsz, t_len, 4, 2), tinv=((bsz, t_len, 8, 64), torch.bfloat16),
@@ -177,6 +191,14 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, devic
     assert calls["out"]["final"] == (bsz, 4, 128, 128) and calls["out"]["o"] == tuple(v.shape)
     assert calls["out"]["scale"] == 0.125 and (calls["out"]["hv"], calls["out"]["group"]) == (4, 2)
     assert calls["split_qs"] is tc.TUNING["gluon_split_qs"]
+    # o's descriptor for the TMA stores (on by default; o is the prefill's own, TMA-readable)
+    if tc.TUNING["gluon_o_tma"] and out is None:
+        o_desc = calls["o_desc"]
+        assert o_desc.base is o
+        assert o_desc.shape[0] == bsz * t_len and o_desc.shape[1] == 4 * 128 and o_desc.base.shape == v.shape
+        assert list(o_desc.block_shape) == [64, chunk_sm90.BLOCK_V]
+    else:
+        assert calls["o_desc"] is None
     # one set of tile descriptors per call, shared by the passes: q, k, v and T_u's pair; the
     # Gluon inverse (on by default) reads k's
     descs = calls["out_descs"]

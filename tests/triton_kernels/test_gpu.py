@@ -208,6 +208,60 @@ def test_gluon_transposed_output_pass(kind, seq_len, partition_chunks, split_qs,
     assert rel_l2(o_t, o_ref) <= 4e-3 and rel_l2(s_t, s_ref) <= 1e-3, (rel_l2(o_t, o_ref), rel_l2(s_t, s_ref))
 
 
+@pytest.mark.skipif(not _hopper(), reason="the Gluon passes are sm_90 only")
+@pytest.mark.parametrize("kind", ["random", "near_identical_keys", "strong_decay", "large_initial_state", "varlen"])
+@pytest.mark.parametrize("seq_len, partition_chunks, lead", [(128, None, None), (130, None, None), (1000, 3, False),
+                                                             (1000, 3, True), (1000, 3, "adaptive")])
+def test_gluon_o_tma_store(kind, seq_len, partition_chunks, lead, monkeypatch):
+    """o's full chunks leave the Gluon output and lead passes by TMA (TUNING["gluon_o_tma"], on by
+    default), a ragged last chunk by masked stores: o and the final state bitwise equal to the
+    per-thread stores, every row written (outputs poisoned), deterministic, within the goal.
+    A caller's `out` 2 bytes off 16-byte alignment (TMA cannot write it) takes the stores."""
+    from flashdelta.triton import chunk as tc
+    from flashdelta.triton import chunk_sm90
+
+    descs = []
+
+    def counted(*args, _launch=chunk_sm90.output_pass, **kwargs):
+        descs.append((kwargs.get("site"), kwargs.get("o_desc")))
+        return _launch(*args, **kwargs)
+
+    monkeypatch.setattr(chunk_sm90, "output_pass", counted)
+    monkeypatch.setitem(tc.TUNING, "lead_partition", lead)
+    case = make_case(kind, torch.bfloat16, "cuda", seed=13, seq_len=seq_len, heads=2, value_heads=4, dk=128)
+    q, k, v, g, beta = case.args()
+    kw = case.kwargs
+    n_seqs = len(kw["cu_seqlens"]) - 1 if "cu_seqlens" in kw else q.shape[0]
+
+    def run(on, misaligned=False):
+        monkeypatch.setitem(tc.TUNING, "gluon_o_tma", on)
+        descs.clear()
+        if misaligned:
+            o = torch.empty(v.numel() + 1, dtype=v.dtype, device="cuda")[1:].view(v.shape).fill_(float("nan"))
+        else:
+            o = torch.full_like(v, float("nan"))
+        s = torch.full((n_seqs, v.shape[2], k.shape[3], v.shape[3]), float("nan"), device="cuda")
+        out = chunk_gated_delta_rule_fwd(q, k, v, g, beta, k.shape[3] ** -0.5, kw.get("initial_state"), True,
+                                         kw.get("cu_seqlens"), False, partition_chunks=partition_chunks,
+                                         out=o, final_state_out=s)
+        return out, list(descs)
+
+    (o_t, s_t), d_t = run(True)
+    (o_t2, s_t2), _ = run(True)
+    (o_r, s_r), d_r = run(False)
+    (o_m, s_m), d_m = run(True, misaligned=True)
+    assert d_t and all(d is not None and d.base is o_t for _, d in d_t), d_t
+    assert all(d is None for _, d in d_r + d_m), (d_r, d_m)
+    if lead is True and kind != "varlen":  # (the varlen case's sequences are one partition each)
+        assert [site for site, _ in d_t] == ["lead pass", "output pass"], d_t
+    o_ref, s_ref = oracle(case)
+    assert not o_t.isnan().any() and not s_t.isnan().any()
+    assert torch.equal(o_t, o_t2) and torch.equal(s_t, s_t2)
+    assert torch.equal(o_t, o_r) and torch.equal(s_t, s_r), (rel_l2(o_t, o_r), rel_l2(s_t, s_r))
+    assert torch.equal(o_m, o_r) and torch.equal(s_m, s_r)
+    assert rel_l2(o_t, o_ref) <= 4e-3 and rel_l2(s_t, s_ref) <= 1e-3, (rel_l2(o_t, o_ref), rel_l2(s_t, s_ref))
+
+
 def _chunk_starts(t_len, cu_seqlens):
     starts = torch.zeros(t_len, dtype=torch.bool, device="cuda")
     if cu_seqlens is None:
