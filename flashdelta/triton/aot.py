@@ -142,7 +142,9 @@ def sm90_kernels(arch: int = 90):
         HAS_STATE_IN=True, STORE_FINAL=True, MAY_BE_EMPTY=False))
     # the inverse (inverse_sm90.py), with and without the map-norm bounds
     for name, bound in (("gluon inverse", False), ("gluon inverse, map bounds", True)):
-        yield name, compile_gluon(inv._inverse_kernel, dict(DECAY_BOUND=bound), common=False)
+        t_tma = tc.TUNING["gluon_inverse_tma"]
+        yield name, compile_gluon(inv._inverse_kernel, dict(DECAY_BOUND=bound, T_TMA=t_tma,
+                                                            **({} if t_tma else {"t_desc": None})), common=False)
 
 
 def registers(kernel) -> dict:

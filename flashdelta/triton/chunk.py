@@ -699,6 +699,8 @@ TUNING = {
     # 2e-7 of the Triton kernel's). H100: inverse -35 to -38%, kernels per call -7 to -12%
     # (NOTES.md v5.3); False: the Triton inverse (A/B checks)
     "gluon_inverse": True,
+    # the Gluon inverse stores full chunks' T_u by TMA (inverse_sm90 T_TMA; NOTES.md v5.4)
+    "gluon_inverse_tma": True,
     # each sequence's first partition run beside the map pass (`_plan`'s lead rows): None lets
     # `predicted_cost` decide per call (and, with skip_negligible_maps, the GPU between that
     # plan and its empty-lead form: "adaptive"), True / False / "adaptive" force it (NOTES.md v4.8)
@@ -1094,7 +1096,8 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
                   and _tma_readable(o, dv, chunk_sm90.BLOCK_V) else None)
     if gluon and TUNING["gluon_inverse"]:
         inverse_sm90.inverse(k, g, beta, tinv, gcum, plan["chunks"], plan["num_chunks"], bound, hv, group, warm,
-                             gluon_descs[1], sites=sites, device_index=device_index)
+                             gluon_descs[1], sites=sites, device_index=device_index,
+                             t_desc=gluon_descs[3] if TUNING["gluon_inverse_tma"] else None)
     else:
         run("inverse", _inverse_kernel, (plan["num_chunks"], hv),
             k, g, beta, tinv, gcum, plan["chunks"], bound, *k.stride(), *g.stride(), *beta.stride(),

@@ -25,7 +25,8 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
 
 from .chunk_sm90 import _hi_lo
 from .launch import launch
@@ -51,6 +52,8 @@ PAIR3 = gl.constexpr(gl.SwizzledSharedLayout(8, 4, 2, [2, 1, 0]))
 PAIR2 = gl.constexpr(gl.SwizzledSharedLayout(8, 4, 2, [1, 0]))
 FLAT = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [0]))
 OUT_SMEM = gl.constexpr(gl.SwizzledSharedLayout(8, 1, 8, [1, 0]))  # [64, 64] bf16: 16-byte vectors, rows swizzled
+# the same placement as TMA's 128-byte swizzle (16-byte chunk c of row r at c ^ (r % 8)): T_u by TMA
+OUT_TMA = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16))
 OUT = gl.constexpr(gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0]))  # 16 bytes per thread, a row per 8 threads
 
 
@@ -146,14 +149,15 @@ def _piece(t, t_sub, w, cb: gl.constexpr):
 @gluon.jit
 def _inverse_kernel(
     k_desc, g_ptr, beta_ptr, t_ptr, gcum_ptr, chunk_ptr, bound_ptr,
-    s_gb, s_gt, s_gh, s_bb, s_bt, s_bh, s_tb, s_tt, s_th, s_cb, s_ct, s_ch, s_ub, s_ut, s_uh, t_total,
-    GROUP: gl.constexpr, K: gl.constexpr, DECAY_BOUND: gl.constexpr,
+    s_gb, s_gt, s_gh, s_bb, s_bt, s_bh, s_tb, s_tt, s_th, s_cb, s_ct, s_ch, s_ub, s_ut, s_uh, t_total, t_desc,
+    GROUP: gl.constexpr, K: gl.constexpr, DECAY_BOUND: gl.constexpr, T_TMA: gl.constexpr = False,
 ):
     """Grid (chunks, value heads): chunk rows (b, t0, n) at chunk_ptr; k_desc: k as [B * T, H * K],
     tiles [64, K]. For value head h: T_u (bf16 hi at head 2h, lo at 2h + 1 of t_ptr
     [B, T, 2 HV, 64]), the gates' prefix sums G log2 e as fp32 hi + lo at gcum_ptr [B, T, HV, 2],
     and with DECAY_BOUND the log2 bound on the chunk's map norm at bound_ptr[b, t0, h] (as
-    `chunk._inverse_kernel`). Rows past n are not written."""
+    `chunk._inverse_kernel`). Rows past n are not written. T_TMA: a full chunk's T_u leaves by TMA
+    (t_desc: T_u as [B * T, 2 HV * 64], [64, 64] tiles, the output pass's), a ragged one in rows."""
     i_c = gl.program_id(0)
     i_h = gl.program_id(1)
     b = gl.load(chunk_ptr + i_c * 3).to(gl.int64)
@@ -177,7 +181,10 @@ def _inverse_kernel(
     y_lo = gl.allocate_shared_memory(gl.bfloat16, [2, 64, 16], PAIR2)
     beta_smem = gl.allocate_shared_memory(gl.float32, [64], FLAT)
     # T_u's pair [2, 64, 64] over k's tile once the gram is done
-    out = k_smem._reinterpret(gl.bfloat16, [2, 64, 64], OUT_SMEM)
+    if T_TMA:
+        out = k_smem._reinterpret(gl.bfloat16, [2, 64, 64], OUT_TMA)
+    else:
+        out = k_smem._reinterpret(gl.bfloat16, [2, 64, 64], OUT_SMEM)
 
     w3, r3, c3 = _index3(64)
     row3 = 16 * w3 + r3
@@ -260,12 +267,20 @@ def _inverse_kernel(
         beta_c = beta_smem.slice(16 * cb, 16).load(COL3)[None, None, :]
         _store_pair(_to2(piece * beta_c), out.index(0).slice(16 * cb, 16, dim=1),
                     out.index(1).slice(16 * cb, 16, dim=1))
+    if T_TMA:
+        fence_async_shared()
     gl.thread_barrier()
-    ro = gl.arange(0, 64, layout=gl.SliceLayout(1, OUT))
-    co = gl.arange(0, 64, layout=gl.SliceLayout(0, OUT))
-    t_base = t_ptr + b * s_tb + t0 * s_tt + 2 * i_h * s_th + (ro * s_tt)[:, None] + co[None, :]
-    gl.store(t_base, out.index(0).load(OUT), mask=(ro < n)[:, None])
-    gl.store(t_base + s_th, out.index(1).load(OUT), mask=(ro < n)[:, None])
+    if T_TMA and n == 64:  # (a ragged chunk's tile would write the next sequence's rows)
+        row = (b * t_total + t0).to(gl.int32)
+        tma.async_copy_shared_to_global(t_desc, [row, 2 * i_h * 64], out.index(0))
+        tma.async_copy_shared_to_global(t_desc, [row, (2 * i_h + 1) * 64], out.index(1))
+        tma.store_wait(0)  # (the tile is read before the program's shared memory goes)
+    else:
+        ro = gl.arange(0, 64, layout=gl.SliceLayout(1, OUT))
+        co = gl.arange(0, 64, layout=gl.SliceLayout(0, OUT))
+        t_base = t_ptr + b * s_tb + t0 * s_tt + 2 * i_h * s_th + (ro * s_tt)[:, None] + co[None, :]
+        gl.store(t_base, out.index(0).load(OUT), mask=(ro < n)[:, None])
+        gl.store(t_base + s_th, out.index(1).load(OUT), mask=(ro < n)[:, None])
 
 
 @gluon.jit
@@ -274,12 +289,14 @@ def _add(x, y):
 
 
 def inverse(k, g, beta, tinv, gcum, chunks, num_chunks: int, bound, hv: int, group: int, decay_bound: bool,
-            k_desc, sites=None, device_index: int = 0):
+            k_desc, sites=None, device_index: int = 0, t_desc=None):
     """Launch over `num_chunks` chunk rows (chunk._plan's `chunks`) and the value heads: tinv
     [B, T, 2 HV, 64] (bf16 pair), gcum [B, T, HV, 2] and, with `decay_bound`, bound [B, T, HV]
     are written. k_desc: `chunk_sm90.descriptor(k, K)`. `sites`: the call layout's compiled
-    kernels (`launch.launch`)."""
+    kernels (`launch.launch`). t_desc: `chunk_sm90.descriptor(tinv, 64)` to store full chunks'
+    T_u by TMA, or None."""
     launch(sites, "inverse", _inverse_kernel, (num_chunks, hv), (
         k_desc, g, beta, tinv, gcum, chunks, bound, *g.stride(), *beta.stride(), *tinv.stride()[:3],
-        *gcum.stride()[:3], *bound.stride()[:3], k.shape[1]), dict(
-        GROUP=group, K=k.shape[3], DECAY_BOUND=decay_bound, num_warps=NUM_WARPS), device_index)
+        *gcum.stride()[:3], *bound.stride()[:3], k.shape[1], t_desc), dict(
+        GROUP=group, K=k.shape[3], DECAY_BOUND=decay_bound, T_TMA=t_desc is not None, num_warps=NUM_WARPS),
+        device_index)

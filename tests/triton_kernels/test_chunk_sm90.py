@@ -103,8 +103,8 @@ def test_map_pass_binds_its_arguments(monkeypatch):
     assert a["MAP"] is True and not a["HAS_STATE_IN"] and not a["STORE_FINAL"]
 
 
-@pytest.mark.parametrize("decay_bound", [False, True])
-def test_inverse_binds_its_arguments(monkeypatch, decay_bound):
+@pytest.mark.parametrize("decay_bound, t_tma", [(False, False), (True, False), (True, True)])
+def test_inverse_binds_its_arguments(monkeypatch, decay_bound, t_tma):
     rec = _Recorder(inverse_sm90._inverse_kernel)
     monkeypatch.setattr(inverse_sm90, "_inverse_kernel", rec)
     q, k, v, tinv, gcum = _inputs(t=200)
@@ -112,8 +112,11 @@ def test_inverse_binds_its_arguments(monkeypatch, decay_bound):
     bound = torch.empty(2, 200, 4)
     chunks = torch.zeros(7, 3, dtype=torch.int32)
     k_desc = chunk_sm90.descriptor(k, 128)
-    inverse_sm90.inverse(k, g, beta, tinv, gcum, chunks, 7, bound, 4, 2, decay_bound, k_desc)
+    t_desc = chunk_sm90.descriptor(tinv, chunk_sm90.CHUNK_SIZE) if t_tma else None
+    inverse_sm90.inverse(k, g, beta, tinv, gcum, chunks, 7, bound, 4, 2, decay_bound, k_desc, t_desc=t_desc)
     ((grid, warps, a),) = rec.calls
+    # full chunks' T_u by TMA through the output pass's T_u descriptor ([64, 64] tiles of the pair)
+    assert a["t_desc"] is t_desc and a["T_TMA"] is t_tma
     assert grid == (7, 4) and warps == inverse_sm90.NUM_WARPS  # chunk rows x value heads
     assert a["k_desc"] is k_desc and a["g_ptr"] is g and a["beta_ptr"] is beta and a["t_ptr"] is tinv
     assert a["gcum_ptr"] is gcum and a["chunk_ptr"] is chunks and a["bound_ptr"] is bound
@@ -153,11 +156,11 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, 
         final.zero_()
 
     def inverse(k, g, beta, tinv, gcum, chunks, num_chunks, bound, hv, group, decay_bound, k_desc, sites=None,
-                device_index=0):
+                device_index=0, t_desc=None):
         # the Triton inverse on the same buffers, so that what reads them downstream runs as it would
         calls["inverse"] = dict(tinv=(tinv.shape, tinv.dtype), gcum=gcum.shape, chunks=chunks.shape,
                                 num_chunks=num_chunks, hv=hv, group=group, decay_bound=decay_bound,
-                                bound=bound.shape if decay_bound else None, k_desc=k_desc)
+                                bound=bound.shape if decay_bound else None, k_desc=k_desc, t_desc=t_desc)
         cfg = tc.launch_config(k.dtype, 128, 128, group, hv, False)["inverse"]
         tc._inverse_kernel[(num_chunks, hv)](k, g, beta, tinv, gcum, chunks, bound, *k.stride(), *g.stride(),
                                              *beta.stride(), *tinv.stride()[:3], *gcum.stride()[:3],
@@ -207,6 +210,8 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, 
     if tc.TUNING["gluon_inverse"]:
         inv = calls["inverse"]
         assert inv["k_desc"] is descs[1] and inv["tinv"] == ((bsz, t_len, 8, 64), torch.bfloat16)
+        # full chunks' T_u by TMA through T_u's descriptor (on by default)
+        assert inv["t_desc"] is (descs[3] if tc.TUNING["gluon_inverse_tma"] else None)
         assert inv["gcum"] == (bsz, t_len, 4, 2) and (inv["hv"], inv["group"]) == (4, 2)
         assert inv["num_chunks"] == bsz * 4 and inv["chunks"][0] >= inv["num_chunks"]
         # the map-norm bounds where maps may be skipped

@@ -277,11 +277,13 @@ def _chunk_starts(t_len, cu_seqlens):
 @pytest.mark.parametrize("kind", ["random", "near_identical_keys", "cyclic_keys", "strong_decay", "zero_decay",
                                   "beta_0_2", "large_initial_state", "varlen"])
 @pytest.mark.parametrize("seq_len", [130, 1000])
-def test_gluon_inverse(kind, seq_len):
+@pytest.mark.parametrize("t_tma", [False, True])
+def test_gluon_inverse(kind, seq_len, t_tma):
     """The Gluon inverse (inverse_sm90.py) against the Triton one on the same chunks: T_u (hi + lo)
     within 1e-6 relative (the same split products, sums in another order; 2e-7 at most measured
     in v5.3), the gates' prefix sums and the map-norm bounds the same, nothing written past a
-    chunk's rows, deterministic. Outputs poisoned first."""
+    chunk's rows, deterministic. Outputs poisoned first. t_tma: full chunks' T_u stored by TMA
+    (TUNING["gluon_inverse_tma"], on by default), ragged ones by rows."""
     from flashdelta.triton import chunk as tc
     from flashdelta.triton import chunk_sm90, inverse_sm90
 
@@ -307,7 +309,8 @@ def test_gluon_inverse(kind, seq_len):
                 *tinv.stride()[:3], *gcum.stride()[:3], *bound.stride()[:3], DECAY_BOUND=True, **cfg["inverse"])
         else:
             inverse_sm90.inverse(k, g, beta, tinv, gcum, plan["chunks"], plan["num_chunks"], bound, hv, hv // 2,
-                                 True, chunk_sm90.descriptor(k, 128))
+                                 True, chunk_sm90.descriptor(k, 128),
+                                 t_desc=chunk_sm90.descriptor(tinv, 64) if t_tma else None)
         return tinv, gcum, bound
 
     ref, out, again = run(True), run(False), run(False)
