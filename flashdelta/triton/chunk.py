@@ -1092,8 +1092,8 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
         gluon_kw = dict(packed_split=TUNING["gluon_packed_split"], descs=gluon_descs, sites=sites,
                         device_index=device_index)
         # (o as TMA writes it, where the caller's `out` allows; the transposed pass stores by rows)
-        o_desc = (chunk_sm90.descriptor(o, chunk_sm90.BLOCK_V) if TUNING["gluon_o_tma"] and not TUNING["gluon_transposed"]
-                  and _tma_readable(o, dv, chunk_sm90.BLOCK_V) else None)
+        o_tma = TUNING["gluon_o_tma"] and not TUNING["gluon_transposed"] and _tma_readable(o, dv, chunk_sm90.BLOCK_V)
+        o_desc = chunk_sm90.descriptor(o, chunk_sm90.BLOCK_V) if o_tma else None
     if gluon and TUNING["gluon_inverse"]:
         inverse_sm90.inverse(k, g, beta, tinv, gcum, plan["chunks"], plan["num_chunks"], bound, hv, group, warm,
                              gluon_descs[1], sites=sites, device_index=device_index,

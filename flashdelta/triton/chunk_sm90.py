@@ -7,10 +7,11 @@ pipeline stage) and the output pass spills at 255 registers, so they run at ~25%
 tensor-core rate. Here the next chunk's tiles are fetched while the current one computes (k
 double-buffered; q, v and T_u as soon as their last reader is done), the products are
 asynchronous wgmma, and the shared buffers are placed by hand (104 KB, 112 KB with o's tile
-for its TMA store since v5.4: two 4-warp programs per SM). The one thing that made it fast (NOTES.md v4.7): every shared-memory operand is taken
-through a loop-variant index (`z`, always 0). With constant addresses the compiler hoists the
-~40 wgmma descriptors out of the loop, holds them in registers and spills them (255 registers
-+ 376 B, v4.6: no faster than Triton); loop-variant, they are rebuilt next to each product in
+for its TMA store since v5.4: two 4-warp programs per SM). The one thing that made it fast
+(NOTES.md v4.7): every shared-memory operand is taken through a loop-variant index (`z`,
+always 0). With constant addresses the compiler hoists the ~40 wgmma descriptors out of the
+loop, holds them in registers and spills them (255 registers + 376 B, v4.6: no faster than
+Triton); loop-variant, they are rebuilt next to each product in
 uniform registers (255 + 72 B; output pass -32 to -35% against the Triton pass on the H100).
 Since v4.8 the hi + lo splits take two elements per packed conversion (`_hi_lo`) and the
 state's products run before o's, so the next state's pair is formed while o's run (255 + 56 B;
