@@ -470,11 +470,7 @@ def _output_kernel_t(
         a_pair = q_smem._reinterpret(gl.bfloat16, [2, C, C], pair_sl)  # A's pair, once q is read
         _issue(k_desc, row + C, col_k, bar_k.index(1 - buf), k_smem.index(1 - buf), more)
         n = gl.minimum(t_end - t0, C)
-        c_row = gcum_ptr + b * s_cb + t0 * s_ct + i_h * s_ch
-        g_hi = gl.load(c_row + rt * s_ct, mask=rt < n, other=0.0)
-        g_lo = gl.load(c_row + rt * s_ct + 1, mask=rt < n, other=0.0)
-        last_hi = gl.load(c_row + (n - 1) * s_ct)
-        last_lo = gl.load(c_row + (n - 1) * s_ct + 1)
+        g_hi, g_lo, last_hi, last_lo = _gates(gcum_ptr, b, t0, t_end, i_h, s_cb, s_ct, s_ch, rt, C)
 
         # (K S)^T from the state's pair (stored by the previous step or the prologue)
         k_t = k_cur.permute((1, 0))
