@@ -70,6 +70,7 @@ VARIANTS = [
     {"gluon_inverse": False},  # 45: the Triton inverse (the default before v5.3; inverse_sm90.py since)
     {"gluon_o_tma": False},  # 46: o stored from the registers (the default before v5.4)
     {"gluon_inverse_tma": False},  # 47: the Gluon inverse's T_u stored by rows (the default before v5.4)
+    {"gluon_wide_ks": False},  # 48: output pass K S as two products (the default before v5.5)
 ]
 SHAPES = [("1x8K 16/16", [8192], 16, 16), ("1x32K 16/16", [32768], 16, 16), ("8x4K 16/32", [4096] * 8, 16, 32)]
 ERROR_KINDS = ["random", "near_identical_keys", "strong_decay", "zero_decay", "large_initial_state"]

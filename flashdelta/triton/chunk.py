@@ -694,6 +694,10 @@ TUNING = {
     # the Gluon output pass stores o's full chunks through shared memory by TMA (chunk_sm90
     # O_TMA) instead of 4-byte stores from the registers (NOTES.md v5.4); False: the stores (A/B)
     "gluon_o_tma": True,
+    # the Gluon output pass forms K S as one 128-column product K [S_hi | S_lo] (k's tile read
+    # once: 16 KB less of the shared-memory pipe per step, -2 to -3% on the H100; NOTES.md v5.5)
+    # instead of two; the map pass keeps two (the wide form timed +1.4% there)
+    "gluon_wide_ks": True,
     # the inverse in Gluon where the Gluon passes run (inverse_sm90.py: each warp owns 16 rows
     # of every tile, the small products as mma.sync on register first operands; T_u within
     # 2e-7 of the Triton kernel's). H100: inverse -35 to -38%, kernels per call -7 to -12%
@@ -1140,7 +1144,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
                 chunk_sm90.output_pass(q, k, v, gcum, tinv, o, h0, starts, leads, plan["num_leads"], True,
                                        scale, hv, group, split_qs=TUNING["gluon_split_qs"], may_be_empty=adaptive,
                                        site="lead pass", transposed=TUNING["gluon_transposed"], o_desc=o_desc,
-                                       **gluon_kw)
+                                       wide_ks=TUNING["gluon_wide_ks"], **gluon_kw)
             else:
                 run("lead pass", _recurrence_kernel, (plan["num_leads"] * hv * nvb,),
                     *tiles, h0, starts, None, None, leads, None, *strides, scale, t_len,
@@ -1165,7 +1169,8 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     if gluon:
         chunk_sm90.output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, plan["num_parts"],
                                partitioned, scale, hv, group, split_qs=TUNING["gluon_split_qs"], site="output pass",
-                               transposed=TUNING["gluon_transposed"], o_desc=o_desc, **gluon_kw)
+                               transposed=TUNING["gluon_transposed"], o_desc=o_desc,
+                               wide_ks=TUNING["gluon_wide_ks"], **gluon_kw)
         return o, final
     run("output pass", _recurrence_kernel, (plan["num_parts"] * hv * nvb,),
         *tiles, state_in, final, None, None, parts, None, *strides, scale, t_len,

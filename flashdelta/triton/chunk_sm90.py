@@ -65,6 +65,14 @@ def _hi_lo(x, PACKED: gl.constexpr = True):
 
 
 @gluon.jit
+def _halves_sum(x, layout: gl.constexpr):
+    """x [M, 2N] (a wide product's accumulator) as its two column halves' sum [M, N] in
+    `layout` (the halves are register picks of the same thread)."""
+    a, b = gl.split(gl.permute(gl.reshape(x, [x.shape[0], 2, x.shape[1] // 2]), (0, 2, 1)))
+    return gl.convert_layout(a + b, layout, assert_trivial=True)
+
+
+@gluon.jit
 def _issue(desc, row, col, bar, dst, pred):
     mbarrier.expect(bar, desc.block_type.nbytes, pred=pred)
     tma.async_copy_global_to_shared(desc, [row, col], bar, dst, pred=pred)
@@ -106,7 +114,7 @@ def _recurrence_kernel(
     HV: gl.constexpr, GROUP: gl.constexpr, K: gl.constexpr, V: gl.constexpr, MAP: gl.constexpr,
     HAS_STATE_IN: gl.constexpr, PARTITIONED: gl.constexpr, STORE_FINAL: gl.constexpr,
     PACKED_SPLIT: gl.constexpr = True, SPLIT_QS: gl.constexpr = True, WARM: gl.constexpr = False,
-    MAY_BE_EMPTY: gl.constexpr = False, O_TMA: gl.constexpr = False,
+    MAY_BE_EMPTY: gl.constexpr = False, O_TMA: gl.constexpr = False, WIDE_KS: gl.constexpr = False,
 ):
     """Grid (partitions x HV x V / 64), or (maps x HV x (V / 64 + K / 64)) when MAP (column
     blocks past V / 64 are M's), flattened with the row slowest. q/k/v_desc: [B * T, heads * dim]
@@ -117,7 +125,10 @@ def _recurrence_kernel(
     empty leads of chunk._choose_plan_kernel's plan B: the start state is stored as it is).
     O_TMA: o of full chunks leaves through shared memory and a TMA store (o_desc: o as [B * T,
     HV * V], [64, 64] tiles): 16 4-byte stores per thread per chunk held their registers and a
-    fence waited on them (NOTES.md v5.4); a ragged last chunk is stored by rows with the mask."""
+    fence waited on them (NOTES.md v5.4); a ragged last chunk is stored by rows with the mask.
+    WIDE_KS: the state's pair is held side by side and K S is one 128-column product K [S_hi |
+    S_lo] whose halves are summed in registers: k's tile is read once, not twice (the passes are
+    bound by the shared-memory pipe; NOTES.md v5.5)."""
     C: gl.constexpr = 64
     BV: gl.constexpr = 64
     NVB: gl.constexpr = V // BV
@@ -126,6 +137,8 @@ def _recurrence_kernel(
     row_l: gl.constexpr = gl.SliceLayout(1, acc_l)
     col_l: gl.constexpr = gl.SliceLayout(0, acc_l)
     s_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([K, BV], gl.bfloat16)
+    s2_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([K, 2 * BV], gl.bfloat16)
+    acc2_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 2 * BV, 16])
 
     # a 1-D grid, rows slowest (as chunk._program): rows start in table order, longest first
     if MAP:
@@ -164,8 +177,11 @@ def _recurrence_kernel(
     v_all = gl.allocate_shared_memory(gl.bfloat16, [1, C, BV], v_desc.layout)
     th_all = gl.allocate_shared_memory(gl.bfloat16, [1, C, C], t_desc.layout)
     tl_all = gl.allocate_shared_memory(gl.bfloat16, [1, C, C], t_desc.layout)
-    sh_all = gl.allocate_shared_memory(gl.bfloat16, [1, K, BV], s_sl)
-    sl_all = gl.allocate_shared_memory(gl.bfloat16, [1, K, BV], s_sl)
+    if WIDE_KS:  # the state's pair side by side, [S_hi | S_lo]: one 128-column operand
+        s2_all = gl.allocate_shared_memory(gl.bfloat16, [1, K, 2 * BV], s2_sl)
+    else:
+        sh_all = gl.allocate_shared_memory(gl.bfloat16, [1, K, BV], s_sl)
+        sl_all = gl.allocate_shared_memory(gl.bfloat16, [1, K, BV], s_sl)
     bar_k = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     bar_v = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     bar_t = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -208,8 +224,12 @@ def _recurrence_kernel(
     _issue_pair(t_desc, row0, col_th, col_tl, bar_t, th_all.index(0), tl_all.index(0), first)
 
     s_hi, s_lo = _hi_lo(state, PACKED_SPLIT)
-    sh_all.index(0).store(s_hi)
-    sl_all.index(0).store(s_lo)
+    if WIDE_KS:
+        s2_all.index(0).slice(0, BV, dim=1).store(s_hi)
+        s2_all.index(0).slice(BV, BV, dim=1).store(s_lo)
+    else:
+        sh_all.index(0).store(s_hi)
+        sl_all.index(0).store(s_lo)
     fence_async_shared()
     gl.thread_barrier()
 
@@ -226,8 +246,13 @@ def _recurrence_kernel(
         v_smem = v_all.index(z)
         th_smem = th_all.index(z)
         tl_smem = tl_all.index(z)
-        sh_smem = sh_all.index(z)
-        sl_smem = sl_all.index(z)
+        if WIDE_KS:
+            s2_smem = s2_all.index(z)
+            sh_smem = s2_smem.slice(0, BV, dim=1)
+            sl_smem = s2_smem.slice(BV, BV, dim=1)
+        else:
+            sh_smem = sh_all.index(z)
+            sl_smem = sl_all.index(z)
         xh_smem = sh_smem.slice(0, C)
         xl_smem = sl_smem.slice(0, C)
         uh_smem = sh_smem.slice(C, C)
@@ -239,8 +264,12 @@ def _recurrence_kernel(
 
         # K S (and Q S) from the state's bf16 pair (stored by the previous step or the prologue)
         mbarrier.wait(bar_k.index(buf), (c // 2) & 1)
-        ks = warpgroup_mma(k_cur, sh_smem, zero, use_acc=False, is_async=True)
-        ks = warpgroup_mma(k_cur, sl_smem, ks, is_async=True)
+        if WIDE_KS:  # K [S_hi | S_lo]: k's tile read once for both halves (NOTES.md v5.5)
+            ks = warpgroup_mma(k_cur, s2_smem, gl.zeros([C, 2 * BV], gl.float32, acc2_l), use_acc=False,
+                               is_async=True)
+        else:
+            ks = warpgroup_mma(k_cur, sh_smem, zero, use_acc=False, is_async=True)
+            ks = warpgroup_mma(k_cur, sl_smem, ks, is_async=True)
         if MAP:
             ks = warpgroup_mma_wait(num_outstanding=0, deps=(ks,))
         else:
@@ -252,6 +281,8 @@ def _recurrence_kernel(
                 ks = warpgroup_mma_wait(num_outstanding=2, deps=(ks,))  # Q S runs on during X
             else:  # (one product of Q S in flight: waiting for two would read K S unfinished)
                 ks = warpgroup_mma_wait(num_outstanding=1, deps=(ks,))
+        if WIDE_KS:
+            ks = _halves_sum(ks, acc_l)
 
         # X = V - e^G (K S) (V = 0 in M's columns), its pair into the state pair's first rows
         mbarrier.wait(bar_v, c & 1, pred=has_v)
@@ -617,7 +648,7 @@ def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps: int, hv: int, gr
 def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts: int, partitioned: bool, scale: float,
                 hv: int, group: int, packed_split: bool = True, descs=None, split_qs: bool = True,
                 may_be_empty: bool = False, sites=None, device_index: int = 0, site: str = "output pass",
-                transposed: bool = False, o_desc=None):
+                transposed: bool = False, o_desc=None, wide_ks: bool = True):
     """Launch over `num_parts` partitions (rows of `parts`); o and final are written. `descs`:
     `descriptors(q, k, v, tinv)` when the caller has them. `may_be_empty`: rows of no chunk
     may come (they store their start state as the final one). `sites`, `site`: the call
@@ -638,4 +669,4 @@ def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts: int, 
         *o.stride()[:3], scale, q.shape[1], o_desc), dict(
         HV=hv, GROUP=group, K=dk, V=dv, MAP=False, HAS_STATE_IN=state_in is not None, PARTITIONED=partitioned,
         STORE_FINAL=final is not None, PACKED_SPLIT=packed_split, SPLIT_QS=split_qs, MAY_BE_EMPTY=may_be_empty,
-        O_TMA=o_desc is not None, num_warps=NUM_WARPS), device_index)
+        O_TMA=o_desc is not None, WIDE_KS=wide_ks, num_warps=NUM_WARPS), device_index)

@@ -49,8 +49,8 @@ def _check_tiles(a, q, k, v, tinv):
         assert list(d.block_shape) == [chunk_sm90.CHUNK_SIZE, cols], name
 
 
-@pytest.mark.parametrize("o_tma", [False, True])
-def test_output_pass_binds_its_arguments(monkeypatch, o_tma):
+@pytest.mark.parametrize("o_tma, wide_ks", [(False, True), (True, True), (True, False)])
+def test_output_pass_binds_its_arguments(monkeypatch, o_tma, wide_ks):
     rec = _Recorder()
     monkeypatch.setattr(chunk_sm90, "_recurrence_kernel", rec)
     q, k, v, tinv, gcum = _inputs()
@@ -60,8 +60,9 @@ def test_output_pass_binds_its_arguments(monkeypatch, o_tma):
     parts = torch.zeros(3, 6, dtype=torch.int32)
     o_desc = chunk_sm90.descriptor(o, chunk_sm90.BLOCK_V) if o_tma else None
     chunk_sm90.output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, 3, True, 0.125, 4, 2, False,
-                           o_desc=o_desc)
+                           o_desc=o_desc, wide_ks=wide_ks)
     ((grid, warps, a),) = rec.calls
+    assert a["WIDE_KS"] is wide_ks  # K S as one product K [S_hi | S_lo], or two
     # o's full chunks by TMA: [B * T, HV * V] in [64, 64] tiles, the kernel's constant follows
     assert a["o_desc"] is o_desc and a["O_TMA"] is o_tma
     if o_tma:
@@ -93,6 +94,7 @@ def test_map_pass_binds_its_arguments(monkeypatch):
     ((grid, _, a), (_, _, a_warm)) = rec.calls
     assert a["warm_ptr"] is None and a["WARM"] is False
     assert a_warm["warm_ptr"] is warm and a_warm["WARM"] is True
+    assert "WIDE_KS" not in a  # the map pass keeps K S as two products (the kernel's default)
     assert a["PACKED_SPLIT"] is True
     assert grid == (5 * 4 * (64 // chunk_sm90.BLOCK_V + 128 // chunk_sm90.BLOCK_V),)  # D's column blocks, then M's
     _check_tiles(a, q, k, v, tinv)
@@ -144,11 +146,13 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, 
 
     def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts, partitioned, scale, hv, group,
                     packed_split, descs, split_qs, may_be_empty=False, sites=None, device_index=0, site=None,
-                    transposed=False, o_desc=None):
+                    transposed=False, o_desc=None, wide_ks=True):
         assert site == "output pass" and transposed is False
         calls["out_descs"] = descs
         calls["o_desc"] = o_desc
         calls["split_qs"] = split_qs
+        calls["wide_ks"] = wide_ks
+        calls["gcum_strides"] = gcum.stride()
         calls["out"] = dict(state_in=None if state_in is None else state_in.shape, final=final.shape,
                             parts=parts.shape, num_parts=num_parts, partitioned=partitioned, scale=scale, hv=hv,
                             group=group, o=o.shape)
@@ -194,6 +198,7 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, 
     assert calls["out"]["final"] == (bsz, 4, 128, 128) and calls["out"]["o"] == tuple(v.shape)
     assert calls["out"]["scale"] == 0.125 and (calls["out"]["hv"], calls["out"]["group"]) == (4, 2)
     assert calls["split_qs"] is tc.TUNING["gluon_split_qs"]
+    assert calls["wide_ks"] is tc.TUNING["gluon_wide_ks"]
     # o's descriptor for the TMA stores (on by default; o is the prefill's own, TMA-readable)
     if tc.TUNING["gluon_o_tma"] and out is None:
         o_desc = calls["o_desc"]
