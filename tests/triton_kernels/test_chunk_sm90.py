@@ -199,6 +199,8 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, 
     assert calls["out"]["scale"] == 0.125 and (calls["out"]["hv"], calls["out"]["group"]) == (4, 2)
     assert calls["split_qs"] is tc.TUNING["gluon_split_qs"]
     assert calls["wide_ks"] is tc.TUNING["gluon_wide_ks"]
+    # the gates' prefix sums head-major: a chunk's (hi, lo) pairs of one head are contiguous
+    assert calls["gcum_strides"] == (4 * t_len * 2, 2, t_len * 2, 1)
     # o's descriptor for the TMA stores (on by default; o is the prefill's own, TMA-readable)
     if tc.TUNING["gluon_o_tma"] and out is None:
         o_desc = calls["o_desc"]
