@@ -71,6 +71,7 @@ VARIANTS = [
     {"gluon_o_tma": False},  # 46: o stored from the registers (the default before v5.4)
     {"gluon_inverse_tma": False},  # 47: the Gluon inverse's T_u stored by rows (the default before v5.4)
     {"gluon_wide_ks": False},  # 48: output pass K S as two products (the default before v5.5)
+    {"gluon_map_transposed": False},  # 49: the map pass on the state's own tiles (the default before v5.6)
 ]
 SHAPES = [("1x8K 16/16", [8192], 16, 16), ("1x32K 16/16", [32768], 16, 16), ("8x4K 16/32", [4096] * 8, 16, 32)]
 ERROR_KINDS = ["random", "near_identical_keys", "strong_decay", "zero_decay", "large_initial_state"]
@@ -115,8 +116,9 @@ def split_by_kernel(launches, reps):
     the last recurrence launch in a call is the output pass, the one before it the map pass,
     and a third (started first) the lead pass."""
     per_call = len(launches) // reps
-    # (chunk_sm90._output_kernel_t: the transposed output and lead passes)
-    launches = [(n.replace("output_kernel_t", "recurrence_kernel"), ms) for n, ms in launches]
+    # (chunk_sm90._output_kernel_t, _map_kernel_t: the transposed passes)
+    launches = [(n.replace("output_kernel_t", "recurrence_kernel").replace("map_kernel_t", "recurrence_kernel"), ms)
+                for n, ms in launches]
     n_rec = sum("recurrence" in name for name, _ in launches[:per_call])
     out = {}
     for i, (name, ms) in enumerate(launches):

@@ -141,6 +141,10 @@ def sm90_kernels(arch: int = 90):
     # the output pass on transposed tiles (TUNING["gluon_transposed"], off by default)
     yield "gluon transposed output pass", compile_gluon(g._output_kernel_t, dict(
         HAS_STATE_IN=True, STORE_FINAL=True, MAY_BE_EMPTY=False))
+    warm = tc.TUNING["skip_negligible_maps"]
+    yield "gluon transposed map pass", compile_gluon(g._map_kernel_t, dict(
+        HV=32, V=128, PACKED_SPLIT=tc.TUNING["gluon_packed_split"], WARM=warm,
+        **({} if warm else {"warm_ptr": None})), common=False)
     # the inverse (inverse_sm90.py), with and without the map-norm bounds
     for name, bound in (("gluon inverse", False), ("gluon inverse, map bounds", True)):
         t_tma = tc.TUNING["gluon_inverse_tma"]

@@ -698,6 +698,11 @@ TUNING = {
     # once: 16 KB less of the shared-memory pipe per step, -2 to -3% on the H100; NOTES.md v5.5)
     # instead of two; the map pass keeps two (the wide form timed +1.4% there)
     "gluon_wide_ks": True,
+    # the Gluon map pass on transposed tiles (chunk_sm90._map_kernel_t: X's and U~'s pairs as
+    # register operands, one shared-memory round per step instead of three, T_u double-buffered).
+    # Bitwise the same maps; H100: map pass -5 to -8%, shared-memory wavefronts -30% (NOTES.md
+    # v5.6); False: `_recurrence_kernel` with MAP (A/B checks)
+    "gluon_map_transposed": True,
     # the inverse in Gluon where the Gluon passes run (inverse_sm90.py: each warp owns 16 rows
     # of every tile, the small products as mma.sync on register first operands; T_u within
     # 2e-7 of the Triton kernel's). H100: inverse -35 to -38%, kernels per call -7 to -12%
@@ -729,7 +734,7 @@ def _sms(device: torch.device) -> int:
 
 
 def map_pass_slots(device: torch.device) -> int:
-    """Map programs that run at once: two per SM (both map passes: 180-188 registers, 88-105 KB
+    """Map programs that run at once: two per SM (the map passes: 180-239 registers, 88-107 KB
     of shared memory); 0 off CUDA (`_choose_plan_kernel` then keeps the lead plan)."""
     if device.type != "cuda":
         return 0
@@ -1154,7 +1159,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             if plan["num_maps"] and gluon:
                 chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, plan["num_maps"], hv, group,
-                                    warm=warm_table, **gluon_kw)
+                                    warm=warm_table, transposed=TUNING["gluon_map_transposed"], **gluon_kw)
             elif plan["num_maps"]:
                 run("map pass", _recurrence_kernel, (plan["num_maps"] * hv * (nvb + cfg["nkb"]),),
                     *tiles, None, None, map_d, map_m, maps, warm_table, *strides, scale, t_len,

@@ -27,7 +27,8 @@ Per chunk step, for the state column block S [K, BV] (fp32, registers; G read in
   S <- e^{G_C} S + K^T (e^{G_C - G} U),
 every product with an fp32 operand as bf16 hi + lo products (as the Triton kernel). The map
 pass runs the step without q and o on the columns of D (values, zero start) and of M (start I,
-v = 0): S_end = M S_start + D over a partition (chunk.py, `_chain_kernel`).
+v = 0): S_end = M S_start + D over a partition (chunk.py, `_chain_kernel`); by default on
+transposed tiles (`_map_kernel_t`, v5.6), where the step's intermediates stay in registers.
 """
 
 from __future__ import annotations
@@ -593,6 +594,165 @@ def _output_kernel_t(
             gl.store(state_out_ptr + (seq * HV + i_h) * K * V + ck[None, :] * V + cv[:, None], state)
 
 
+@gluon.jit
+def _map_kernel_t(
+    k_desc, v_desc, t_desc, gcum_ptr, map_d_ptr, map_m_ptr, part_ptr, warm_ptr, s_cb, s_ct, s_ch, t_total,
+    HV: gl.constexpr, GROUP: gl.constexpr, K: gl.constexpr, V: gl.constexpr,
+    PACKED_SPLIT: gl.constexpr = True, WARM: gl.constexpr = False,
+):
+    """The map pass on transposed tiles (`TUNING["gluon_map_transposed"]`), as `_output_kernel_t`
+    for the output pass: the columns of D (values, zero start) and of M (start I, v = 0) held
+    as S^T [BV, K], and per chunk
+      (K S)^T = S^T K^T,  X^T = V^T - (K S)^T e^G,  U^T = X^T T_u^T,  S'^T = e^{G_C} S^T + U~^T K.
+    Why: `_recurrence_kernel`'s map step stores the pairs of X, U~ and S and waits on a fence and
+    a barrier after each (three rounds per step, the step a latency chain: NOTES.md v5.5); here
+    X's and U~'s pairs are register operands and only S's pair is stored: one round, and 30%
+    less shared-memory traffic (ncu). T_u is double-buffered as k (107 KB, two per SM still fit):
+    the next chunk's is fetched a whole step ahead. The same products of the same pairs in the
+    same order: bitwise `_recurrence_kernel`'s maps. Grid and arguments as `_recurrence_kernel`
+    with MAP."""
+    C: gl.constexpr = 64
+    BV: gl.constexpr = 64
+    NVB: gl.constexpr = V // BV
+    NCB: gl.constexpr = NVB + K // BV
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
+    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
+    row_l: gl.constexpr = gl.SliceLayout(1, acc_l)
+    col_l: gl.constexpr = gl.SliceLayout(0, acc_l)
+    s_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BV, K], gl.bfloat16)
+
+    pid = gl.program_id(0)
+    i_p = pid // (HV * NCB)
+    i_h = (pid // NCB) % HV
+    i_v = pid % NCB
+    b, t_start, t_end, seq, slot, is_last = _partition_row(part_ptr, i_p)
+    i_hk = i_h // GROUP
+    is_m = i_v >= NVB  # column blocks past NVB are M's
+    has_v = i_v < NVB
+    c0 = (i_v - NVB * is_m.to(gl.int32)) * BV
+    run_m = is_m
+    t_begin = t_start
+    if WARM:
+        warm = warm_ptr + (i_p * HV + i_h) * 2
+        skip = gl.load(warm + 1)
+        run_m = is_m & (skip == 0)
+        t_begin = gl.where(is_m, gl.where(skip != 0, t_end, t_start), gl.load(warm).to(gl.int64))
+
+    k_smem = gl.allocate_shared_memory(gl.bfloat16, [2, C, K], k_desc.layout)
+    v_all = gl.allocate_shared_memory(gl.bfloat16, [1, C, BV], v_desc.layout)
+    th_all = gl.allocate_shared_memory(gl.bfloat16, [2, C, C], t_desc.layout)
+    tl_all = gl.allocate_shared_memory(gl.bfloat16, [2, C, C], t_desc.layout)
+    sh_all = gl.allocate_shared_memory(gl.bfloat16, [1, BV, K], s_sl)
+    sl_all = gl.allocate_shared_memory(gl.bfloat16, [1, BV, K], s_sl)
+    bar_k = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    bar_v = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    bar_t = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(bar_k.index(0), count=1)
+    mbarrier.init(bar_k.index(1), count=1)
+    mbarrier.init(bar_v, count=1)
+    mbarrier.init(bar_t.index(0), count=1)
+    mbarrier.init(bar_t.index(1), count=1)
+
+    rv = gl.arange(0, BV, layout=row_l)  # the state's columns: rows of the transposed tiles
+    rt = gl.arange(0, C, layout=row_l)  # tokens (the gates' loads, by row)
+    ct = gl.arange(0, C, layout=col_l)  # tokens as columns
+    ck = gl.arange(0, K, layout=col_l)  # key dimensions as columns (S^T)
+    cv = c0 + rv
+    state = gl.where(run_m & (cv[:, None] == ck[None, :]), 1.0, 0.0)  # M's columns start from I, D's from 0
+
+    n_chunks = ((t_end - t_begin + C - 1) // C).to(gl.int32)
+    row0 = (b * t_total + t_begin).to(gl.int32)
+    col_k = (i_hk * K).to(gl.int32)
+    col_v = (i_h * V + c0).to(gl.int32)
+    col_th = (2 * i_h * C).to(gl.int32)
+    col_tl = col_th + C
+    if WARM:
+        first = n_chunks > 0  # (a row of no chunk: nothing may be left in flight)
+    else:
+        first = True
+    _issue(k_desc, row0, col_k, bar_k.index(0), k_smem.index(0), first)
+    _issue(v_desc, row0, col_v, bar_v, v_all.index(0), has_v & first)  # M's columns start from v = 0
+    _issue_pair(t_desc, row0, col_th, col_tl, bar_t.index(0), th_all.index(0), tl_all.index(0), first)
+    s_hi, s_lo = _hi_lo(state, PACKED_SPLIT)
+    sh_all.index(0).store(s_hi)
+    sl_all.index(0).store(s_lo)
+    fence_async_shared()
+    gl.thread_barrier()
+
+    for c in range(n_chunks):
+        t0 = t_begin + c * C
+        row = row0 + c * C
+        more = c + 1 < n_chunks
+        buf = c % 2
+        zero = gl.zeros([BV, C], gl.float32, acc_l)  # (use_acc=False: never read)
+        k_cur = k_smem.index(buf)
+        z = c >> 30  # 0, opaque to the compiler: descriptors stay loop-variant (module doc)
+        v_smem = v_all.index(z)
+        th_smem = th_all.index(buf)
+        tl_smem = tl_all.index(buf)
+        sh_smem = sh_all.index(z)
+        sl_smem = sl_all.index(z)
+        # the next chunk's k and T_u into the other buffers (their last readers, the previous step's, are done)
+        _issue(k_desc, row + C, col_k, bar_k.index(1 - buf), k_smem.index(1 - buf), more)
+        _issue_pair(t_desc, row + C, col_th, col_tl, bar_t.index(1 - buf), th_all.index(1 - buf),
+                    tl_all.index(1 - buf), more)
+        n = gl.minimum(t_end - t0, C)
+        g_hi, g_lo, last_hi, last_lo = _gates(gcum_ptr, b, t0, t_end, i_h, s_cb, s_ct, s_ch, rt, C)
+
+        # (K S)^T from the state's pair (stored by the previous step or the prologue)
+        mbarrier.wait(bar_k.index(buf), (c // 2) & 1)
+        k_t = k_cur.permute((1, 0))
+        ks = warpgroup_mma(sh_smem, k_t, zero, use_acc=False, is_async=True)
+        ks = warpgroup_mma(sl_smem, k_t, ks, is_async=True)
+        g_hi_c = gl.convert_layout(g_hi, col_l)
+        g_lo_c = gl.convert_layout(g_lo, col_l)
+        ks = warpgroup_mma_wait(num_outstanding=0, deps=(ks,))
+
+        # X^T = V^T - (K S)^T e^G (V = 0 in M's columns), its pair in registers
+        mbarrier.wait(bar_v, c & 1, pred=has_v)
+        v = v_smem.permute((1, 0)).load(acc_l).to(gl.float32)
+        v = gl.where(is_m, 0.0, v)  # M's programs never fill v's buffer: a select, its contents unused
+        x = v - ks * gl.exp2(g_hi_c)[None, :]
+        x_hi, x_lo = _hi_lo(x, PACKED_SPLIT)
+        x_hi = gl.convert_layout(x_hi, a_l)
+        x_lo = gl.convert_layout(x_lo, a_l)
+        gl.thread_barrier()  # every thread has read v (and is past K S: the pair may be rewritten)
+        _issue(v_desc, row + C, col_v, bar_v, v_smem, more & has_v)
+
+        # U^T = X^T T_u^T (three products of the pairs)
+        mbarrier.wait(bar_t.index(buf), (c // 2) & 1)
+        u = warpgroup_mma(x_hi, th_smem.permute((1, 0)), zero, use_acc=False, is_async=True)
+        u = warpgroup_mma(x_hi, tl_smem.permute((1, 0)), u, is_async=True)
+        u = warpgroup_mma(x_lo, th_smem.permute((1, 0)), u, is_async=True)
+        u, x_hi, x_lo = warpgroup_mma_wait(num_outstanding=0, deps=(u, x_hi, x_lo))
+        # columns past the chunk's tokens are zero (TMA reads the next sequence's rows there)
+        u = gl.where((ct < n)[None, :], u, 0.0)
+        u_t = u * gl.exp2((last_hi - g_hi_c) + (last_lo - g_lo_c))[None, :]
+        ut_hi, ut_lo = _hi_lo(u_t, PACKED_SPLIT)
+        ut_hi = gl.convert_layout(ut_hi, a_l)
+        ut_lo = gl.convert_layout(ut_lo, a_l)
+
+        # S'^T = e^{G_C} S^T + U~^T K, its pair over the old one (whose reader, K S, is done)
+        state = warpgroup_mma(ut_hi, k_cur, state * gl.exp2(last_hi + last_lo), is_async=True)
+        state = warpgroup_mma(ut_lo, k_cur, state, is_async=True)
+        state, ut_hi, ut_lo = warpgroup_mma_wait(num_outstanding=0, deps=(state, ut_hi, ut_lo))
+        s_hi, s_lo = _hi_lo(state, PACKED_SPLIT)
+        sh_smem.store(s_hi)
+        sl_smem.store(s_lo)
+        fence_async_shared()
+        gl.thread_barrier()  # (the pair is in place, and k's buffer is read: the next step refills it)
+
+    mbarrier.invalidate(bar_k.index(0))
+    mbarrier.invalidate(bar_k.index(1))
+    mbarrier.invalidate(bar_v)
+    mbarrier.invalidate(bar_t.index(0))
+    mbarrier.invalidate(bar_t.index(1))
+    if is_m:
+        gl.store(map_m_ptr + (slot * HV + i_h) * K * K + ck[None, :] * K + cv[:, None], state)
+    else:
+        gl.store(map_d_ptr + (slot * HV + i_h) * K * V + ck[None, :] * V + cv[:, None], state)
+
+
 # Two programs per SM (4 warps, 104 KB of shared memory, 255 registers): the partition rule
 # fills two slots per SM, as for the Triton output pass.
 PROGRAMS_PER_SM = 2
@@ -632,12 +792,20 @@ def descriptors(q, k, v, tinv) -> tuple:
 
 
 def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps: int, hv: int, group: int,
-             packed_split: bool = True, descs=None, warm=None, sites=None, device_index: int = 0):
+             packed_split: bool = True, descs=None, warm=None, sites=None, device_index: int = 0,
+             transposed: bool = False):
     """The affine state map (M, D) of each partition in `maps` but the last of a sequence:
     map_d [maps, HV, K, V], map_m [maps, HV, K, K] are written. `descs`: `descriptors(q, k,
     v, tinv)` when the caller has them. `warm`: chunk._warm_start_kernel's table, or None
-    (every map in full). `sites`: the call layout's compiled kernels (`launch.launch`)."""
+    (every map in full). `sites`: the call layout's compiled kernels (`launch.launch`).
+    `transposed`: `_map_kernel_t` (the same maps, bitwise) instead of `_recurrence_kernel`."""
     dk, dv = q.shape[3], v.shape[3]
+    if transposed:
+        launch(sites, "map pass", _map_kernel_t, (num_maps * hv * (dv // BLOCK_V + dk // BLOCK_V),), (
+            *(descs or descriptors(q, k, v, tinv))[1:], gcum, map_d, map_m, maps, warm, *gcum.stride()[:3],
+            q.shape[1]), dict(HV=hv, GROUP=group, K=dk, V=dv, PACKED_SPLIT=packed_split, WARM=warm is not None,
+                              num_warps=NUM_WARPS), device_index)
+        return
     launch(sites, "map pass", _recurrence_kernel, (num_maps * hv * (dv // BLOCK_V + dk // BLOCK_V),), (
         *(descs or descriptors(q, k, v, tinv)), gcum, None, None, None, map_d, map_m, maps, warm, *gcum.stride()[:3],
         0, 0, 0, 1.0, q.shape[1], None), dict(

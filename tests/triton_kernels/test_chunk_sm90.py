@@ -81,28 +81,36 @@ def test_output_pass_binds_its_arguments(monkeypatch, o_tma, wide_ks):
     assert a["MAP"] is False and a["HAS_STATE_IN"] and a["PARTITIONED"] and a["STORE_FINAL"]
 
 
-def test_map_pass_binds_its_arguments(monkeypatch):
-    rec = _Recorder()
-    monkeypatch.setattr(chunk_sm90, "_recurrence_kernel", rec)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_map_pass_binds_its_arguments(monkeypatch, transposed):
+    """Both map kernels: `_recurrence_kernel` with MAP, `_map_kernel_t` (transposed tiles, the
+    default): the same grid (D's column blocks, then M's) and buffers."""
+    name = "_map_kernel_t" if transposed else "_recurrence_kernel"
+    rec = _Recorder(getattr(chunk_sm90, name))
+    monkeypatch.setattr(chunk_sm90, name, rec)
     q, k, v, tinv, gcum = _inputs(dv=64)
     map_d = torch.empty(5, 4, 128, 64)
     map_m = torch.empty(5, 4, 128, 128)
     maps = torch.zeros(5, 6, dtype=torch.int32)
     warm = torch.zeros(5, 4, 2, dtype=torch.int32)
-    chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, 5, 4, 2, True)
-    chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, 5, 4, 2, True, warm=warm)
+    chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, 5, 4, 2, True, transposed=transposed)
+    chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, 5, 4, 2, True, warm=warm, transposed=transposed)
     ((grid, _, a), (_, _, a_warm)) = rec.calls
     assert a["warm_ptr"] is None and a["WARM"] is False
     assert a_warm["warm_ptr"] is warm and a_warm["WARM"] is True
-    assert "WIDE_KS" not in a  # the map pass keeps K S as two products (the kernel's default)
     assert a["PACKED_SPLIT"] is True
     assert grid == (5 * 4 * (64 // chunk_sm90.BLOCK_V + 128 // chunk_sm90.BLOCK_V),)  # D's column blocks, then M's
+    if transposed:  # (it reads no q: its tiles are k, v and T_u's)
+        assert "q_desc" not in a
+        a = dict(a, q_desc=chunk_sm90.descriptor(q, 128))
+    else:
+        assert "WIDE_KS" not in a  # the map pass keeps K S as two products (the kernel's default)
+        assert a["o_ptr"] is None and a["state_in_ptr"] is None and a["state_out_ptr"] is None
+        assert a["MAP"] is True and not a["HAS_STATE_IN"] and not a["STORE_FINAL"]
     _check_tiles(a, q, k, v, tinv)
     assert a["map_d_ptr"] is map_d and a["map_m_ptr"] is map_m and a["part_ptr"] is maps
-    assert a["o_ptr"] is None and a["state_in_ptr"] is None and a["state_out_ptr"] is None
     assert (a["s_cb"], a["s_ct"], a["s_ch"]) == gcum.stride()[:3] and a["t_total"] == 192
     assert (a["HV"], a["GROUP"], a["K"], a["V"]) == (4, 2, 128, 64)
-    assert a["MAP"] is True and not a["HAS_STATE_IN"] and not a["STORE_FINAL"]
 
 
 @pytest.mark.parametrize("decay_bound, t_tma", [(False, False), (True, False), (True, True)])
@@ -136,8 +144,9 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, 
     calls = {}
 
     def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps, hv, group, packed_split, descs, warm,
-                 sites=None, device_index=0):
+                 sites=None, device_index=0, transposed=False):
         calls["map_descs"] = descs
+        calls["map_transposed"] = transposed
         calls["warm"] = None if warm is None else warm.shape
         calls["map"] = dict(gcum=gcum.shape, tinv=(tinv.shape, tinv.dtype), map_d=map_d.shape, map_m=map_m.shape,
                             maps=maps.shape, num_maps=num_maps, hv=hv, group=group)
@@ -199,6 +208,8 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, 
     assert calls["out"]["scale"] == 0.125 and (calls["out"]["hv"], calls["out"]["group"]) == (4, 2)
     assert calls["split_qs"] is tc.TUNING["gluon_split_qs"]
     assert calls["wide_ks"] is tc.TUNING["gluon_wide_ks"]
+    if partition_chunks:
+        assert calls["map_transposed"] is tc.TUNING["gluon_map_transposed"]
     # the gates' prefix sums head-major: a chunk's (hi, lo) pairs of one head are contiguous
     assert calls["gcum_strides"] == (4 * t_len * 2, 2, t_len * 2, 1)
     # o's descriptor for the TMA stores (on by default; o is the prefill's own, TMA-readable)

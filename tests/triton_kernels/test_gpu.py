@@ -202,7 +202,56 @@ def test_gluon_transposed_output_pass(kind, seq_len, partition_chunks, split_qs,
 
     o_t, s_t = run(True)
     o_t2, s_t2 = run(True)
-    assert calls == [True, True], calls
+    lens = torch.diff(kw["cu_seqlens"]).tolist() if "cu_seqlens" in kw else [seq_len] * q.shape[0]
+    # (varlen's sequences are 1 to 130 tokens: maps at 1 chunk per partition only)
+    assert calls == ([True, True] if max(lens) > partition_chunks * 64 else []), calls
+    o_c, s_c = run(False)
+    o_ref, s_ref = oracle(case)
+    assert torch.equal(o_t, o_t2) and torch.equal(s_t, s_t2)
+    assert torch.equal(o_t, o_c) and torch.equal(s_t, s_c), (rel_l2(o_t, o_c), rel_l2(s_t, s_c))
+    assert rel_l2(o_t, o_ref) <= 4e-3 and rel_l2(s_t, s_ref) <= 1e-3, (rel_l2(o_t, o_ref), rel_l2(s_t, s_ref))
+
+
+@pytest.mark.skipif(not _hopper(), reason="the Gluon passes are sm_90 only")
+@pytest.mark.parametrize("kind", ["random", "near_identical_keys", "cyclic_keys", "strong_decay", "zero_decay",
+                                  "beta_0_2", "large_initial_state", "varlen"])
+@pytest.mark.parametrize("seq_len, partition_chunks, lead, skip", [
+    (1000, 3, False, True), (1000, 3, "adaptive", True), (1000, 3, False, False), (130, 1, True, True)])
+def test_gluon_transposed_map_pass(kind, seq_len, partition_chunks, lead, skip, monkeypatch):
+    """The map pass on transposed tiles (TUNING["gluon_map_transposed"], on by default) gives o
+    and the final state bitwise equal to `_recurrence_kernel`'s map pass (the same products of
+    the same pairs), on the plain, lead and empty-lead plans, with and without the skipped
+    negligible maps; deterministic, within the exactness goal. Outputs poisoned first."""
+    from flashdelta.triton import chunk as tc
+    from flashdelta.triton import chunk_sm90
+
+    calls = []
+
+    def counted(*args, _launch=chunk_sm90.map_pass, **kwargs):
+        calls.append(kwargs.get("transposed", False))
+        return _launch(*args, **kwargs)
+
+    monkeypatch.setattr(chunk_sm90, "map_pass", counted)
+    monkeypatch.setitem(tc.TUNING, "lead_partition", lead)
+    monkeypatch.setitem(tc.TUNING, "skip_negligible_maps", skip)
+    case = make_case(kind, torch.bfloat16, "cuda", seed=17, seq_len=seq_len, heads=2, value_heads=4, dk=128)
+    q, k, v, g, beta = case.args()
+    kw = case.kwargs
+    n_seqs = len(kw["cu_seqlens"]) - 1 if "cu_seqlens" in kw else q.shape[0]
+
+    def run(on):
+        monkeypatch.setitem(tc.TUNING, "gluon_map_transposed", on)
+        o = torch.full_like(v, float("nan"))
+        s = torch.full((n_seqs, v.shape[2], k.shape[3], v.shape[3]), float("nan"), device="cuda")
+        return chunk_gated_delta_rule_fwd(q, k, v, g, beta, k.shape[3] ** -0.5, kw.get("initial_state"), True,
+                                          kw.get("cu_seqlens"), False, partition_chunks=partition_chunks,
+                                          out=o, final_state_out=s)
+
+    o_t, s_t = run(True)
+    o_t2, s_t2 = run(True)
+    lens = torch.diff(kw["cu_seqlens"]).tolist() if "cu_seqlens" in kw else [seq_len] * q.shape[0]
+    # (varlen's sequences are 1 to 130 tokens: maps at 1 chunk per partition only)
+    assert calls == ([True, True] if max(lens) > partition_chunks * 64 else []), calls
     o_c, s_c = run(False)
     o_ref, s_ref = oracle(case)
     assert torch.equal(o_t, o_t2) and torch.equal(s_t, s_t2)
