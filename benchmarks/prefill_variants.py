@@ -72,6 +72,8 @@ VARIANTS = [
     {"gluon_inverse_tma": False},  # 47: the Gluon inverse's T_u stored by rows (the default before v5.4)
     {"gluon_wide_ks": False},  # 48: output pass K S as two products (the default before v5.5)
     {"gluon_map_transposed": False},  # 49: the map pass on the state's own tiles (the default before v5.6)
+    {"chain_prefetch": True},  # 50: the chain loads link j + 1's map during link j's products
+    {"chain_prefetch": True, "warps_chain": 8},  # 51: the same at 8 warps
 ]
 SHAPES = [("1x8K 16/16", [8192], 16, 16), ("1x32K 16/16", [32768], 16, 16), ("8x4K 16/32", [4096] * 8, 16, 32)]
 ERROR_KINDS = ["random", "near_identical_keys", "strong_decay", "zero_decay", "large_initial_state"]

@@ -543,11 +543,11 @@ def _row_halves(x):
 
 
 @triton.jit
-def _map_slice(map_m_ptr, m_base, rk, c0, BKC: tl.constexpr, K: tl.constexpr):
-    """Columns [c0, c0 + BKC) of a [K, K] map M (rows rk), zero outside."""
+def _map_slice(map_m_ptr, m_base, rk, c0, BKC: tl.constexpr, K: tl.constexpr, valid=True):
+    """Columns [c0, c0 + BKC) of a [K, K] map M (rows rk), zero outside (and where not `valid`)."""
     cols = c0 + tl.arange(0, BKC)
-    return tl.load(map_m_ptr + m_base + rk[:, None] * K + cols[None, :], mask=(rk[:, None] < K) & (cols[None, :] < K),
-                   other=0.0)
+    return tl.load(map_m_ptr + m_base + rk[:, None] * K + cols[None, :],
+                   mask=(rk[:, None] < K) & (cols[None, :] < K) & valid, other=0.0)
 
 
 @triton.jit
@@ -555,7 +555,7 @@ def _chain_kernel(
     map_d_ptr, map_m_ptr, h0_ptr, starts_ptr, seq_ptr,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr,
     HAS_H0: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, IN_REGISTERS: tl.constexpr = False,
-    LEAD: tl.constexpr = False,
+    LEAD: tl.constexpr = False, PREFETCH: tl.constexpr = False,
 ):
     """Starts of the partitions of one sequence: S_0 = h0, S_p = M_{p-1} S_{p-1} + D_{p-1}.
     LEAD: a sequence of several partitions had its first one run by the lead pass, which wrote
@@ -564,7 +564,9 @@ def _chain_kernel(
     The product contracts over K in slices of BKC rows of S_{p-1}, so the M tile in flight is
     [BK, BKC], not [BK, BK] (which is 256 KB at K = 256). IN_REGISTERS: the slices are cut
     out of the register tile (one or two: K <= 128); else read back from `starts` (this
-    program wrote them; the barrier makes them visible).
+    program wrote them; the barrier makes them visible). PREFETCH (two slices in registers): the
+    next link's M and D are loaded before this link's products, which do not wait on them (a
+    link was one load latency plus its products; the same products in the same order).
     """
     i_s = tl.program_id(0)
     i_h = tl.program_id(1)
@@ -592,29 +594,53 @@ def _chain_kernel(
     if lead == 0:
         tl.store(starts_ptr + (first * HV + i_h) * K * V + off, state, mask=smask)
     j = 1 + lead
-    while j < count:  # a handful of partitions: a while loop is fine here (and in the interpreter)
+    if PREFETCH:  # (IN_REGISTERS, two slices) link j's M and D are loaded during link j - 1's products
+        tl.static_assert(IN_REGISTERS and BK == 2 * BKC, "prefetch: the two-slice register form")
         m_row = first_map + j - 1 - lead
         m_base = (m_row * HV + i_h) * K * K
-        acc = tl.load(map_d_ptr + (m_row * HV + i_h) * K * V + off, mask=smask, other=0.0)
-        if IN_REGISTERS:
-            if BK == BKC:
-                acc += mm_split_ab(_map_slice(map_m_ptr, m_base, rk, 0, BKC, K), state, DOT, PREC)
+        d_next = tl.load(map_d_ptr + (m_row * HV + i_h) * K * V + off, mask=smask & (j < count), other=0.0)
+        m0_next = _map_slice(map_m_ptr, m_base, rk, 0, BKC, K, j < count)
+        m1_next = _map_slice(map_m_ptr, m_base, rk, BKC, BKC, K, j < count)
+        while j < count:
+            acc = d_next
+            m_0 = m0_next
+            m_1 = m1_next
+            m_base += HV * K * K  # the next link's map row (loads masked past the last link)
+            d_next = tl.load(map_d_ptr + ((m_row + 1) * HV + i_h) * K * V + off, mask=smask & (j + 1 < count),
+                             other=0.0)
+            m0_next = _map_slice(map_m_ptr, m_base, rk, 0, BKC, K, j + 1 < count)
+            m1_next = _map_slice(map_m_ptr, m_base, rk, BKC, BKC, K, j + 1 < count)
+            s_0, s_1 = _row_halves(state)
+            acc += mm_split_ab(m_0, s_0, DOT, PREC)
+            acc += mm_split_ab(m_1, s_1, DOT, PREC)
+            state = acc
+            tl.store(starts_ptr + ((first + j) * HV + i_h) * K * V + off, acc, mask=smask)
+            m_row += 1
+            j += 1
+    else:
+        while j < count:  # a handful of partitions: a while loop is fine here (and in the interpreter)
+            m_row = first_map + j - 1 - lead
+            m_base = (m_row * HV + i_h) * K * K
+            acc = tl.load(map_d_ptr + (m_row * HV + i_h) * K * V + off, mask=smask, other=0.0)
+            if IN_REGISTERS:
+                if BK == BKC:
+                    acc += mm_split_ab(_map_slice(map_m_ptr, m_base, rk, 0, BKC, K), state, DOT, PREC)
+                else:
+                    tl.static_assert(BK == 2 * BKC, "in registers: one or two slices (K <= 128)")
+                    s_0, s_1 = _row_halves(state)
+                    acc += mm_split_ab(_map_slice(map_m_ptr, m_base, rk, 0, BKC, K), s_0, DOT, PREC)
+                    acc += mm_split_ab(_map_slice(map_m_ptr, m_base, rk, BKC, BKC, K), s_1, DOT, PREC)
             else:
-                tl.static_assert(BK == 2 * BKC, "in registers: one or two slices (K <= 128)")
-                s_0, s_1 = _row_halves(state)
-                acc += mm_split_ab(_map_slice(map_m_ptr, m_base, rk, 0, BKC, K), s_0, DOT, PREC)
-                acc += mm_split_ab(_map_slice(map_m_ptr, m_base, rk, BKC, BKC, K), s_1, DOT, PREC)
-        else:
-            tl.debug_barrier()  # the previous start, stored by all threads, is read back in slices
-            prev = starts_ptr + ((first + j - 1) * HV + i_h) * K * V
-            for c0 in tl.static_range(0, BK, BKC):
-                cols = c0 + rc
-                s = tl.load(prev + cols[:, None] * V + cv[None, :], mask=(cols[:, None] < K) & (cv[None, :] < V),
-                            other=0.0)
-                acc += mm_split_ab(_map_slice(map_m_ptr, m_base, rk, c0, BKC, K), s, DOT, PREC)
-        state = acc
-        tl.store(starts_ptr + ((first + j) * HV + i_h) * K * V + off, acc, mask=smask)
-        j += 1
+                tl.debug_barrier()  # the previous start, stored by all threads, is read back in slices
+                prev = starts_ptr + ((first + j - 1) * HV + i_h) * K * V
+                for c0 in tl.static_range(0, BK, BKC):
+                    cols = c0 + rc
+                    s = tl.load(prev + cols[:, None] * V + cv[None, :], mask=(cols[:, None] < K) & (cv[None, :] < V),
+                                other=0.0)
+                    acc += mm_split_ab(_map_slice(map_m_ptr, m_base, rk, c0, BKC, K), s, DOT, PREC)
+            state = acc
+            tl.store(starts_ptr + ((first + j) * HV + i_h) * K * V + off, acc, mask=smask)
+            j += 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -627,7 +653,7 @@ TUNING = {
     "block_v": None,  # state column block; None: 64 for K <= 128, else 32
     "warps_inverse": 4,
     "warps_recurrence": 4,
-    "warps_chain": None,  # None: as the recurrence (8 warps: chain 46 -> 37 us at 1x8K, NOTES.md v4.5)
+    "warps_chain": None,  # None: 8 with chain_prefetch, else as the recurrence (8: 46 -> 37 us at 1x8K, v4.5)
     # the chain's state column block (None: as the recurrence): 32 doubles its programs;
     # with chain_in_registers 45 -> 32 us at 1x8K (H100, NOTES.md v4.5); 16: 26 -> 24 us at
     # 1x8K, 27 -> 24 at 1x32K (v4.9)
@@ -636,6 +662,10 @@ TUNING = {
     # back: 46 -> 45 us alone, with 32 columns above. K <= 128 (where it was timed; at K = 256
     # it spills 1160 B offline)
     "chain_in_registers": True,
+    # with it at K = 128, the chain loads link j + 1's map and D during link j's products (8 warps,
+    # None above: at 4 it spills 560 B offline, 200 registers at 8): bitwise the same starts; H100
+    # chain 26-28 -> 20-21 us per partitioned call (8 warps alone: 25-26; NOTES.md v5.6)
+    "chain_prefetch": True,
     # pipeline stages of the output pass's tile loads; None: 2, or 1 at BV 64 where its grid
     # has more programs than SMs (1 stage lets two share an SM: -8 to -17% there, +15% at
     # 1x8K where there is one program per SM; BV 32 at 1 stage faults on the GPU: NOTES.md)
@@ -956,9 +986,11 @@ def _launch_config(dtype, dk, dv, group, hv, use_qk_l2norm, many_programs, tunin
                       FUSED_ACC=tuning["fused_accumulate"] and reorder, EARLY_QS=tuning["early_qs"] and reorder,
                       num_warps=warps, num_stages=stages)
     bv_chain = max(16, min(tuning["block_v_chain"] or bv, next_power_of_2(dv)))
+    prefetch = tuning["chain_prefetch"] and tuning["chain_in_registers"] and bk == 128
     chain = dict(HV=hv, K=dk, V=dv, BK=bk, BV=bv_chain, BKC=min(bk, 64), DOT=dot, PREC=prec,
-                 IN_REGISTERS=tuning["chain_in_registers"] and bk <= 128,
-                 num_warps=4 if interpret else (tuning["warps_chain"] or warps), num_stages=min(fits, 2))
+                 IN_REGISTERS=tuning["chain_in_registers"] and bk <= 128, PREFETCH=prefetch,
+                 num_warps=4 if interpret else (tuning["warps_chain"] or (8 if prefetch else warps)),
+                 num_stages=min(fits, 2))
     map_launch = dict(num_stages=map_stages)
     if not interpret:  # register caps: launch options of the CUDA backend only
         if tuning["maxnreg_inverse"] and bk <= 128 and dot == tl.bfloat16:  # measured: bf16, K <= 128

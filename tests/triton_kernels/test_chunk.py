@@ -344,6 +344,36 @@ def test_chain_from_registers(kind, dk, seed, device, monkeypatch):
     assert_same_rounding(case, *results)
 
 
+@pytest.mark.parametrize("lead", [False, True])
+@pytest.mark.parametrize("kind", ["large_initial_state", "strong_decay", "varlen"])
+def test_chain_prefetch(kind, lead, seed, device, monkeypatch):
+    """TUNING["chain_prefetch"] (K = 128, slices in registers): the chain loads link j + 1's M
+    and D before link j's products; the starts are the same numbers (bitwise: the same products
+    in the same order), with maps masked past a sequence's last link, three or more partitions
+    per sequence, and with the lead pass (its chain starts at the second partition)."""
+    from flashdelta.triton import chunk as tc
+
+    case = make_case(kind, torch.float32, device, seed=seed, seq_len=260, heads=1, value_heads=2, dk=128, dv=16)
+    monkeypatch.setitem(tc.TUNING, "lead_partition", lead)
+    results = []
+    for prefetch in (False, True):
+        monkeypatch.setitem(tc.TUNING, "chain_prefetch", prefetch)
+        assert tc.launch_config(torch.float32, 128, 16, 1, 2, False)["chain"]["PREFETCH"] == prefetch
+        results.append(run(case, partition_chunks=1))
+    check(case, *results[1])
+    (o0, s0), (o1, s1) = results
+    assert torch.equal(o0, o1) and torch.equal(s0, s1)
+
+
+def test_chain_prefetch_only_where_timed():
+    """At K = 128 with the slices in registers (8 warps on the GPU; at 4 it spills); elsewhere the
+    plain loop."""
+    from flashdelta.triton.chunk import launch_config
+
+    for dim, on in [(64, False), (128, True), (256, False)]:
+        assert launch_config(torch.bfloat16, dim, dim, 1, 16, False)["chain"]["PREFETCH"] == on, dim
+
+
 @pytest.mark.parametrize("kind", ["near_identical_keys", "cyclic_keys", "strong_decay", "l2norm_in_kernel",
                                   "varlen", "beta_0_2"])
 @pytest.mark.parametrize("blocked,merged", [(True, True), (True, False), (False, False)],
