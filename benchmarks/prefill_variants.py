@@ -157,7 +157,7 @@ def main():
     opts = ap.parse_args()
     chosen = [VARIANTS[int(i)] for i in opts.variants.split(",")] if opts.variants else VARIANTS
     if opts.breakdown:
-        extra = [("1x128K 16/16", [131072], 16, 16), ("1x32K 16/32", [32768], 16, 32),
+        extra = [("1x4K 16/16", [4096], 16, 16), ("1x128K 16/16", [131072], 16, 16), ("1x32K 16/32", [32768], 16, 32),
                  ("varlen 64K/8", _mixed_lengths(65536, 8), 16, 32)]
         extra.append(("1x128K 32/32", [131072], 32, 32))
         wanted = opts.shapes.split(",") if opts.shapes else None
