@@ -13,6 +13,7 @@ repeated prefill differs.
 """
 
 import argparse
+import ast
 
 import torch
 
@@ -23,12 +24,15 @@ from flashdelta.triton.chunk import chunk_gated_delta_rule_fwd
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tuning", default="", help="prefill TUNING overrides, e.g. block_v=32,stages=1")
+    ap.add_argument("--tuning", default="", help="prefill TUNING overrides, e.g. block_v=32,gluon_transposed=True")
     ap.add_argument("--dim", type=int, default=128, help="K = V (256: the prefill's BV 32 launch)")
     opts = ap.parse_args()
     for item in filter(None, opts.tuning.split(",")):
         key, value = item.split("=")
-        tc.TUNING[key] = type(tc.TUNING[key])(value) if tc.TUNING[key] is not None else int(value)
+        try:  # Python literals (bool("False") would be True); other words as strings (precision=bf16)
+            tc.TUNING[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            tc.TUNING[key] = value
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: run under TRITON_INTERPRET=1
     h, hv, d = 2, 4, opts.dim
