@@ -664,7 +664,8 @@ TUNING = {
     "chain_in_registers": True,
     # with it at K = 128, the chain loads link j + 1's map and D during link j's products (8 warps,
     # None above: at 4 it spills 560 B offline, 200 registers at 8): bitwise the same starts; H100
-    # chain 26-28 -> 20-21 us per partitioned call (8 warps alone: 25-26; NOTES.md v5.6)
+    # chain 26-28 -> 20-21 us per partitioned call, bf16 (8 warps alone: 25-26; NOTES.md v5.6);
+    # fp16 / fp32 operands compile to 197 registers without spill (not timed)
     "chain_prefetch": True,
     # pipeline stages of the output pass's tile loads; None: 2, or 1 at BV 64 where its grid
     # has more programs than SMs (1 stage lets two share an SM: -8 to -17% there, +15% at
