@@ -74,6 +74,10 @@ VARIANTS = [
     {"gluon_map_transposed": False},  # 49: the map pass on the state's own tiles (the default before v5.6)
     {"chain_prefetch": True},  # 50: the chain loads link j + 1's map during link j's products
     {"chain_prefetch": True, "warps_chain": 8},  # 51: the same at 8 warps
+    {"inverse_chunks_per_program": 1},  # 52: one chunk per inverse program (v5.6's grid)
+    {"inverse_chunks_per_program": 2},  # 53: at most two chunks per inverse program
+    {"inverse_chunks_per_program": 4},  # 54: at most four
+    {"inverse_chunks_per_program": 16},  # 55: at most sixteen
 ]
 SHAPES = [("1x8K 16/16", [8192], 16, 16), ("1x32K 16/16", [32768], 16, 16), ("8x4K 16/32", [4096] * 8, 16, 32)]
 ERROR_KINDS = ["random", "near_identical_keys", "strong_decay", "zero_decay", "large_initial_state"]

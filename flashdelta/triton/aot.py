@@ -106,7 +106,7 @@ def sm90_kernels(arch: int = 90):
 
     tile = lambda cols: f"tensordesc<bf16[{g.CHUNK_SIZE},{cols}],{gl.NVMMASharedLayout.get_default_for([g.CHUNK_SIZE, cols], gl.bfloat16)!r}>"  # noqa: E731,E501
 
-    def compile_gluon(fn, constexprs, common=True):
+    def compile_gluon(fn, constexprs, common=True, **options):
         signature = {"q_desc": tile(128), "k_desc": tile(128), "v_desc": tile(g.BLOCK_V),
                      "t_desc": tile(g.CHUNK_SIZE), "gcum_ptr": "*fp32", "o_ptr": "*bf16", "state_in_ptr": "*fp32",
                      "state_out_ptr": "*fp32", "map_d_ptr": "*fp32", "map_m_ptr": "*fp32", "part_ptr": "*i32",
@@ -123,7 +123,7 @@ def sm90_kernels(arch: int = 90):
                  if signature[n].startswith("*") or n.startswith("s_")}
         src = GluonASTSource(fn=fn, signature=signature,
                              constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
-        return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=g.NUM_WARPS))
+        return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=g.NUM_WARPS, **options))
 
     for name, mode in (("gluon output pass", dict(MAP=False, HAS_STATE_IN=True, STORE_FINAL=True, WARM=False,
                                                   MAY_BE_EMPTY=False)),
@@ -149,7 +149,8 @@ def sm90_kernels(arch: int = 90):
     for name, bound in (("gluon inverse", False), ("gluon inverse, map bounds", True)):
         t_tma = tc.TUNING["gluon_inverse_tma"]
         yield name, compile_gluon(inv._inverse_kernel, dict(DECAY_BOUND=bound, T_TMA=t_tma,
-                                                            **({} if t_tma else {"t_desc": None})), common=False)
+                                                            **({} if t_tma else {"t_desc": None})), common=False,
+                                  maxnreg=inv.MAX_REGISTERS)
 
 
 def registers(kernel) -> dict:

@@ -742,6 +742,11 @@ TUNING = {
     "gluon_inverse": True,
     # the Gluon inverse stores full chunks' T_u by TMA (inverse_sm90 T_TMA; NOTES.md v5.4)
     "gluon_inverse_tma": True,
+    # chunks each Gluon inverse program runs in turn, the next one's k and gates loaded during
+    # the current one: at most this many, the count chosen per call for whole waves of four
+    # programs per SM (`inverse_sm90.chunks_per_program`; 1: one chunk per program, v5.6's grid).
+    # H100: inverse -4 to -13% from 1x8K to 1x128K (NOTES.md v5.7)
+    "inverse_chunks_per_program": 16,
     # each sequence's first partition run beside the map pass (`_plan`'s lead rows): None lets
     # `predicted_cost` decide per call (and, with skip_negligible_maps, the GPU between that
     # plan and its empty-lead form: "adaptive"), True / False / "adaptive" force it (NOTES.md v4.8)
@@ -771,6 +776,13 @@ def map_pass_slots(device: torch.device) -> int:
     if device.type != "cuda":
         return 0
     return 2 * _sms(device)
+
+
+def inverse_slots(device: torch.device) -> int:
+    """Gluon inverse programs that run at once: four per SM (54 KB, 128 registers); 0 off CUDA."""
+    if device.type != "cuda":
+        return 0
+    return inverse_sm90.PROGRAMS_PER_SM * _sms(device)
 
 
 def _side_stream(device: torch.device):
@@ -1142,7 +1154,9 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     if gluon and TUNING["gluon_inverse"]:
         inverse_sm90.inverse(k, g, beta, tinv, gcum, plan["chunks"], plan["num_chunks"], bound, hv, group, warm,
                              gluon_descs[1], sites=sites, device_index=device_index,
-                             t_desc=gluon_descs[3] if TUNING["gluon_inverse_tma"] else None)
+                             t_desc=gluon_descs[3] if TUNING["gluon_inverse_tma"] else None,
+                             per_program=inverse_sm90.chunks_per_program(
+                                 plan["num_chunks"], hv, inverse_slots(device), TUNING["inverse_chunks_per_program"]))
     else:
         run("inverse", _inverse_kernel, (plan["num_chunks"], hv),
             k, g, beta, tinv, gcum, plan["chunks"], bound, *k.stride(), *g.stride(), *beta.stride(),

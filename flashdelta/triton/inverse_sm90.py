@@ -22,17 +22,26 @@ inside the products (checked on the GPU against it and the fp64 oracle).
 
 from __future__ import annotations
 
+import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from .chunk_sm90 import _hi_lo
+from .chunk_sm90 import _hi_lo, _issue
 from .launch import launch
 
 LOG2E = gl.constexpr(1.4426950408889634)
-NUM_WARPS = 4  # one warpgroup: the gram's wgmma; 107 registers, 42 KB: four programs per SM
+NUM_WARPS = 4  # one warpgroup: the gram's wgmma
+# four programs per SM: 54 KB each, and at most 128 registers. The chunk loop needs the cap:
+# LLVM hoists the layouts' per-thread offsets out of it (uncapped 161-167 registers; capped 128,
+# no spill, and a loop body of 1595-1790 SASS instructions against v5.6's 1720-1880 per program)
+PROGRAMS_PER_SM = 4
+MAX_REGISTERS = 128
+# a program's first chunk, in chunk times, beyond its others (its k and gates are not loaded
+# during a chunk before it); fitted on the H100 (v5.7: ~0.1 at 1x128K), rounded up
+START_COST = 0.25
 
 # warp w owns rows 16 w .. 16 w + 15: the gram's accumulator, the same tiles as [64, N] (M2)
 # and as [4, 16, N] batches of one warp each (M3); the three share their registers
@@ -147,140 +156,185 @@ def _piece(t, t_sub, w, cb: gl.constexpr):
 
 
 @gluon.jit
+def _chunk_row(chunk_ptr, i_c):
+    """Row i_c of the chunk table (chunk._plan): b, t0 (int64), n."""
+    return (gl.load(chunk_ptr + i_c * 3).to(gl.int64), gl.load(chunk_ptr + i_c * 3 + 1).to(gl.int64),
+            gl.load(chunk_ptr + i_c * 3 + 2))
+
+
+@gluon.jit
+def _chunk_inputs(g_ptr, beta_ptr, b, t0, n, i_h, s_gb, s_gt, s_gh, s_bb, s_bt, s_bh, rg):
+    """The chunk's g and beta ([64], zero past its n tokens): one line per token each."""
+    g = gl.load(g_ptr + b * s_gb + (t0 + rg) * s_gt + i_h * s_gh, mask=rg < n, other=0.0)
+    beta = gl.load(beta_ptr + b * s_bb + (t0 + rg) * s_bt + i_h * s_bh, mask=rg < n, other=0.0)
+    return g, beta
+
+
+@gluon.jit
 def _inverse_kernel(
     k_desc, g_ptr, beta_ptr, t_ptr, gcum_ptr, chunk_ptr, bound_ptr,
     s_gb, s_gt, s_gh, s_bb, s_bt, s_bh, s_tb, s_tt, s_th, s_cb, s_ct, s_ch, s_ub, s_ut, s_uh, t_total, t_desc,
+    num_chunks, per_program,
     GROUP: gl.constexpr, K: gl.constexpr, DECAY_BOUND: gl.constexpr, T_TMA: gl.constexpr = False,
 ):
-    """Grid (chunks, value heads): chunk rows (b, t0, n) at chunk_ptr; k_desc: k as [B * T, H * K],
-    tiles [64, K]. For value head h: T_u (bf16 hi at head 2h, lo at 2h + 1 of t_ptr
-    [B, T, 2 HV, 64]), the gates' prefix sums G log2 e as fp32 hi + lo at gcum_ptr [B, T, HV, 2],
-    and with DECAY_BOUND the log2 bound on the chunk's map norm at bound_ptr[b, t0, h] (as
-    `chunk._inverse_kernel`). Rows past n are not written. T_TMA: a full chunk's T_u leaves by TMA
-    (t_desc: T_u as [B * T, 2 HV * 64], [64, 64] tiles, the output pass's), a ragged one in rows."""
-    i_c = gl.program_id(0)
+    """Grid (cdiv(num_chunks, per_program), value heads): program i runs chunk rows
+    i * per_program .. (i + 1) * per_program - 1 (rows (b, t0, n) at chunk_ptr) in turn, each
+    chunk's k (TMA) and g, beta loaded during the one before (v5.7: a chunk's first loads were
+    ~15% of the kernel's stall samples, v5.6 ncu). k_desc: k as [B * T, H * K], tiles [64, K].
+    For value head h: T_u (bf16 hi at head 2h, lo at 2h + 1 of t_ptr [B, T, 2 HV, 64]), the
+    gates' prefix sums G log2 e as fp32 hi + lo at gcum_ptr [B, T, HV, 2], and with DECAY_BOUND
+    the log2 bound on the chunk's map norm at bound_ptr[b, t0, h] (as `chunk._inverse_kernel`).
+    Rows past n are not written. T_TMA: a full chunk's T_u leaves by TMA (t_desc: T_u as
+    [B * T, 2 HV * 64], [64, 64] tiles, the output pass's), a ragged one in rows."""
     i_h = gl.program_id(1)
-    b = gl.load(chunk_ptr + i_c * 3).to(gl.int64)
-    t0 = gl.load(chunk_ptr + i_c * 3 + 1).to(gl.int64)
-    n = gl.load(chunk_ptr + i_c * 3 + 2)
+    first = gl.program_id(0) * per_program
+    count = gl.minimum(per_program, num_chunks - first)
 
-    k_smem = gl.allocate_shared_memory(gl.bfloat16, [64, K], k_desc.layout)
-    bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(bar, count=1)
-    mbarrier.expect(bar, k_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [(b * t_total + t0).to(gl.int32), (i_h // GROUP) * K], bar, k_smem)
+    # k twice: the next chunk's arrives in the other tile (which held the last chunk's T_u)
+    k_smem = gl.allocate_shared_memory(gl.bfloat16, [2, 64, K], k_desc.layout)
+    bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(bar.index(0), count=1)
+    mbarrier.init(bar.index(1), count=1)
     # per-warp second operands (slot w: warp w's); the diagonal blocks, the level-16 tile's
-    # first two column blocks and Y, read by every warp
+    # first two column blocks and Y, read by every warp. The diagonal blocks are last read
+    # before the level-32 merge writes Y: they share Y's first slot (54 KB: four per SM)
     own_hi = gl.allocate_shared_memory(gl.bfloat16, [4, 16, 16], PAIR3)
     own_lo = gl.allocate_shared_memory(gl.bfloat16, [4, 16, 16], PAIR3)
-    d_hi = gl.allocate_shared_memory(gl.bfloat16, [64, 16], PAIR2)
-    d_lo = gl.allocate_shared_memory(gl.bfloat16, [64, 16], PAIR2)
     p_hi = gl.allocate_shared_memory(gl.bfloat16, [2, 64, 16], PAIR2)
     p_lo = gl.allocate_shared_memory(gl.bfloat16, [2, 64, 16], PAIR2)
     y_hi = gl.allocate_shared_memory(gl.bfloat16, [2, 64, 16], PAIR2)
     y_lo = gl.allocate_shared_memory(gl.bfloat16, [2, 64, 16], PAIR2)
+    d_hi = y_hi.index(0)
+    d_lo = y_lo.index(0)
     beta_smem = gl.allocate_shared_memory(gl.float32, [64], FLAT)
-    # T_u's pair [2, 64, 64] over k's tile once the gram is done
+    # T_u's pair [2, 64, 64] over a chunk's k tile once the gram is done (the pair of tile i:
+    # 2 i, 2 i + 1)
     if T_TMA:
-        out = k_smem._reinterpret(gl.bfloat16, [2, 64, 64], OUT_TMA)
+        out_all = k_smem._reinterpret(gl.bfloat16, [4, 64, 64], OUT_TMA)
     else:
-        out = k_smem._reinterpret(gl.bfloat16, [2, 64, 64], OUT_SMEM)
+        out_all = k_smem._reinterpret(gl.bfloat16, [4, 64, 64], OUT_SMEM)
 
     w3, r3, c3 = _index3(64)
     row3 = 16 * w3 + r3
     _, rr, cc = _index3(16)
-
-    # the gates while k is in flight: G = prefix sums of g in fp64 (differences of large sums
-    # stay exact under strong decay), in log2 units (every gate one exp2 of a difference)
     rg = gl.arange(0, 64, layout=GATE)
-    g = gl.load(g_ptr + b * s_gb + (t0 + rg) * s_gt + i_h * s_gh, mask=rg < n, other=0.0).to(gl.float64)
-    # beta once from global memory (a line per token), by row and by column from shared memory
-    beta = gl.load(beta_ptr + b * s_bb + (t0 + rg) * s_bt + i_h * s_bh, mask=rg < n, other=0.0)
-    beta_smem.store(beta)
-    G = gl.associative_scan(g, 0, _add) * LOG2E
-    c_ptr = gcum_ptr + b * s_cb + (t0 + rg) * s_ct + i_h * s_ch
-    G_hi = G.to(gl.float32)
-    gl.store(c_ptr, G_hi, mask=rg < n)
-    gl.store(c_ptr + 1, (G - G_hi.to(gl.float64)).to(gl.float32), mask=rg < n)
-    gl.thread_barrier()
-    beta_r = beta_smem.reshape([4, 16]).load(ROW3)
-    G_r = gl.convert_layout(gl.reshape(G, [4, 16]), ROW3)
-    G_c = gl.convert_layout(G, COL3)
-    gate = gl.exp2((G_r[:, :, None] - G_c[None, None, :]).to(gl.float32))
+    col_k = ((i_h // GROUP) * K).to(gl.int32)
 
-    mbarrier.wait(bar, 0)
-    gram = warpgroup_mma(k_smem, k_smem.permute((1, 0)), gl.zeros([64, 64], gl.float32, ACC), use_acc=False,
-                         is_async=True)
-    gram = _to3(gl.convert_layout(warpgroup_mma_wait(num_outstanding=0, deps=(gram,)), M2, assert_trivial=True))
-    mbarrier.invalidate(bar)
-    if DECAY_BOUND:
-        # one token's map is e^{g_t} (I - beta_t k_t k_t^T), of norm e^{g_t} max(1, |1 - beta_t |k_t|^2|)
-        norm2 = gl.sum(gl.where(row3 == c3, gram, 0.0), axis=2)
-        growth = gl.log2(gl.maximum(gl.abs(1.0 - beta_r * norm2), 1.0))
-        bound = (gl.sum(g, 0) * LOG2E).to(gl.float32) + gl.sum(gl.sum(growth, 1), 0)
-        gl.store(bound_ptr + b * s_ub + t0 * s_ut + i_h * s_uh, bound)
-    a = gl.where((row3 > c3) & (row3 < n), gram * gate * beta_r[:, :, None], 0.0)
+    b, t0, n = _chunk_row(chunk_ptr, first)
+    _issue(k_desc, (b * t_total + t0).to(gl.int32), col_k, bar.index(0), k_smem.index(0), True)
+    g_in, beta = _chunk_inputs(g_ptr, beta_ptr, b, t0, n, i_h, s_gb, s_gt, s_gh, s_bb, s_bt, s_bh, rg)
+    for j in range(count):
+        buf = j % 2
+        k_cur = k_smem.index(buf)
+        # the gates while k is in flight: G = prefix sums of g in fp64 (differences of large sums
+        # stay exact under strong decay), in log2 units (every gate one exp2 of a difference);
+        # beta by row and by column from shared memory
+        g = g_in.to(gl.float64)
+        beta_smem.store(beta)
+        G = gl.associative_scan(g, 0, _add) * LOG2E
+        c_ptr = gcum_ptr + b * s_cb + (t0 + rg) * s_ct + i_h * s_ch
+        G_hi = G.to(gl.float32)
+        gl.store(c_ptr, G_hi, mask=rg < n)
+        gl.store(c_ptr + 1, (G - G_hi.to(gl.float64)).to(gl.float32), mask=rg < n)
+        gl.thread_barrier()
+        beta_r = beta_smem.reshape([4, 16]).load(ROW3)
+        G_r = gl.convert_layout(gl.reshape(G, [4, 16]), ROW3)
+        G_c = gl.convert_layout(G, COL3)
+        gate = gl.exp2((G_r[:, :, None] - G_c[None, None, :]).to(gl.float32))
 
-    # the diagonal 16 x 16 blocks: T_2 = I - E_1, T_2s = T_s - T_s E_s T_s (s = 2, 4, 8)
-    blocks = _column_blocks(a)
-    lower = _pick(blocks, w3)
-    t = gl.where(rr == cc, 1.0, 0.0) - gl.where((rr % 2 == 1) & (cc == rr - 1), lower, 0.0)
-    for level in gl.static_range(1, 4):
-        e = gl.where(((rr >> level) % 2 == 1) & (cc >> level == (rr >> level) - 1), lower, 0.0)
-        et = _mm3_own(e, t, own_hi, own_lo)
-        t = t - _mm3_own(t, et, own_hi, own_lo)
-    # level 16 (odd warps): T_{w, w-1} = -T_w (A_{w, w-1} T_{w-1}); A_{w, w-1} T_0 and
-    # A_{w, w-1} T_2 for every warp (the second operands are shared), warp 3 takes the second
-    _store_pair(_to2(t), d_hi, d_lo)
-    gl.thread_barrier()
-    a_sub = _to2(_pick(blocks, w3 - 1))
-    zero = gl.zeros([64, 16], gl.float32, M2)
-    x = gl.where(w3 == 3, _to3(_mm2(a_sub, d_hi.slice(32, 16), d_lo.slice(32, 16), zero)),
-                 _to3(_mm2(a_sub, d_hi.slice(0, 16), d_lo.slice(0, 16), zero)))
-    t_sub = -_mm3_own(t, x, own_hi, own_lo)
-    # level 32 (warps 2, 3): their first two column blocks -T_33 (A_31 T_11), with
-    # T_11 = rows 0 .. 31 of the level-16 tile, T_33 its blocks (w, 2), (w, 3)
-    for cb in gl.static_range(2):
-        _store_pair(_to2(_piece(t, t_sub, w3, cb)), p_hi.index(cb), p_lo.index(cb))
-    gl.thread_barrier()
-    a_0 = _to2(blocks[0])
-    a_1 = _to2(blocks[1])
-    for cb in gl.static_range(2):
-        y = _mm2(a_0, p_hi.index(cb).slice(0, 16), p_lo.index(cb).slice(0, 16),
-                 gl.zeros([64, 16], gl.float32, M2))
-        y = _mm2(a_1, p_hi.index(cb).slice(16, 16), p_lo.index(cb).slice(16, 16), y)
-        _store_pair(y, y_hi.index(cb), y_lo.index(cb))
-    gl.thread_barrier()
-    t_2 = _to2(_piece(t, t_sub, w3, 2))  # block (w, 2): T_2 for warp 2, T_{3,2} for warp 3
-    t_3 = _to2(_piece(t, t_sub, w3, 3))
+        mbarrier.wait(bar.index(buf), (j // 2) & 1)
+        gram = warpgroup_mma(k_cur, k_cur.permute((1, 0)), gl.zeros([64, 64], gl.float32, ACC), use_acc=False,
+                             is_async=True)
+        gram = _to3(gl.convert_layout(warpgroup_mma_wait(num_outstanding=0, deps=(gram,)), M2, assert_trivial=True))
+        # the next chunk's k into the other tile, once the last chunk's T_u has left it (its TMA
+        # store read, its rows' reads done: the barrier above), and its g, beta into registers
+        more = j + 1 < count
+        if T_TMA:
+            tma.store_wait(0)
+        fence_async_shared()  # (the tile's last writes were the pair stores: generic proxy)
+        gl.thread_barrier()
+        b_next, t0_next, n_next = _chunk_row(chunk_ptr, first + gl.minimum(j + 1, count - 1))
+        _issue(k_desc, (b_next * t_total + t0_next).to(gl.int32), col_k, bar.index(1 - buf), k_smem.index(1 - buf),
+               more)
+        g_next, beta_next = _chunk_inputs(g_ptr, beta_ptr, b_next, t0_next, gl.where(more, n_next, 0), i_h,
+                                          s_gb, s_gt, s_gh, s_bb, s_bt, s_bh, rg)
+        if DECAY_BOUND:
+            # one token's map is e^{g_t} (I - beta_t k_t k_t^T), of norm e^{g_t} max(1, |1 - beta_t |k_t|^2|)
+            norm2 = gl.sum(gl.where(row3 == c3, gram, 0.0), axis=2)
+            growth = gl.log2(gl.maximum(gl.abs(1.0 - beta_r * norm2), 1.0))
+            bound = (gl.sum(g, 0) * LOG2E).to(gl.float32) + gl.sum(gl.sum(growth, 1), 0)
+            gl.store(bound_ptr + b * s_ub + t0 * s_ut + i_h * s_uh, bound)
+        a = gl.where((row3 > c3) & (row3 < n), gram * gate * beta_r[:, :, None], 0.0)
 
-    # T_u = T diag(beta) by 16-column blocks into k's tile (free since the gram), then out
-    # in rows of 16 bytes per thread
-    for cb in gl.static_range(4):
-        if cb < 2:
-            z = _mm2(t_2, y_hi.index(cb).slice(32, 16), y_lo.index(cb).slice(32, 16),
+        # the diagonal 16 x 16 blocks: T_2 = I - E_1, T_2s = T_s - T_s E_s T_s (s = 2, 4, 8)
+        blocks = _column_blocks(a)
+        lower = _pick(blocks, w3)
+        t = gl.where(rr == cc, 1.0, 0.0) - gl.where((rr % 2 == 1) & (cc == rr - 1), lower, 0.0)
+        for level in gl.static_range(1, 4):
+            e = gl.where(((rr >> level) % 2 == 1) & (cc >> level == (rr >> level) - 1), lower, 0.0)
+            et = _mm3_own(e, t, own_hi, own_lo)
+            t = t - _mm3_own(t, et, own_hi, own_lo)
+        # level 16 (odd warps): T_{w, w-1} = -T_w (A_{w, w-1} T_{w-1}); A_{w, w-1} T_0 and
+        # A_{w, w-1} T_2 for every warp (the second operands are shared), warp 3 takes the second
+        _store_pair(_to2(t), d_hi, d_lo)
+        gl.thread_barrier()
+        a_sub = _to2(_pick(blocks, w3 - 1))
+        zero = gl.zeros([64, 16], gl.float32, M2)
+        x = gl.where(w3 == 3, _to3(_mm2(a_sub, d_hi.slice(32, 16), d_lo.slice(32, 16), zero)),
+                     _to3(_mm2(a_sub, d_hi.slice(0, 16), d_lo.slice(0, 16), zero)))
+        t_sub = -_mm3_own(t, x, own_hi, own_lo)
+        # level 32 (warps 2, 3): their first two column blocks -T_33 (A_31 T_11), with
+        # T_11 = rows 0 .. 31 of the level-16 tile, T_33 its blocks (w, 2), (w, 3)
+        for cb in gl.static_range(2):
+            _store_pair(_to2(_piece(t, t_sub, w3, cb)), p_hi.index(cb), p_lo.index(cb))
+        gl.thread_barrier()
+        a_0 = _to2(blocks[0])
+        a_1 = _to2(blocks[1])
+        for cb in gl.static_range(2):
+            y = _mm2(a_0, p_hi.index(cb).slice(0, 16), p_lo.index(cb).slice(0, 16),
                      gl.zeros([64, 16], gl.float32, M2))
-            z = _mm2(t_3, y_hi.index(cb).slice(48, 16), y_lo.index(cb).slice(48, 16), z)
-            piece = gl.where(w3 >= 2, -_to3(z), _piece(t, t_sub, w3, cb))
+            y = _mm2(a_1, p_hi.index(cb).slice(16, 16), p_lo.index(cb).slice(16, 16), y)
+            _store_pair(y, y_hi.index(cb), y_lo.index(cb))
+        gl.thread_barrier()
+        t_2 = _to2(_piece(t, t_sub, w3, 2))  # block (w, 2): T_2 for warp 2, T_{3,2} for warp 3
+        t_3 = _to2(_piece(t, t_sub, w3, 3))
+
+        # T_u = T diag(beta) by 16-column blocks into k's tile (free since the gram), then out
+        # in rows of 16 bytes per thread
+        out_hi = out_all.index(2 * buf)
+        out_lo = out_all.index(2 * buf + 1)
+        for cb in gl.static_range(4):
+            if cb < 2:
+                z = _mm2(t_2, y_hi.index(cb).slice(32, 16), y_lo.index(cb).slice(32, 16),
+                         gl.zeros([64, 16], gl.float32, M2))
+                z = _mm2(t_3, y_hi.index(cb).slice(48, 16), y_lo.index(cb).slice(48, 16), z)
+                piece = gl.where(w3 >= 2, -_to3(z), _piece(t, t_sub, w3, cb))
+            else:
+                piece = _piece(t, t_sub, w3, cb)
+            beta_c = beta_smem.slice(16 * cb, 16).load(COL3)[None, None, :]
+            _store_pair(_to2(piece * beta_c), out_hi.slice(16 * cb, 16, dim=1), out_lo.slice(16 * cb, 16, dim=1))
+        if T_TMA:
+            fence_async_shared()
+        gl.thread_barrier()
+        if T_TMA and n == 64:  # (a ragged chunk's tile would write the next sequence's rows)
+            row = (b * t_total + t0).to(gl.int32)
+            tma.async_copy_shared_to_global(t_desc, [row, 2 * i_h * 64], out_hi)
+            tma.async_copy_shared_to_global(t_desc, [row, (2 * i_h + 1) * 64], out_lo)
         else:
-            piece = _piece(t, t_sub, w3, cb)
-        beta_c = beta_smem.slice(16 * cb, 16).load(COL3)[None, None, :]
-        _store_pair(_to2(piece * beta_c), out.index(0).slice(16 * cb, 16, dim=1),
-                    out.index(1).slice(16 * cb, 16, dim=1))
+            ro = gl.arange(0, 64, layout=gl.SliceLayout(1, OUT))
+            co = gl.arange(0, 64, layout=gl.SliceLayout(0, OUT))
+            t_base = t_ptr + b * s_tb + t0 * s_tt + 2 * i_h * s_th + (ro * s_tt)[:, None] + co[None, :]
+            gl.store(t_base, out_hi.load(OUT), mask=(ro < n)[:, None])
+            gl.store(t_base + s_th, out_lo.load(OUT), mask=(ro < n)[:, None])
+        b = b_next
+        t0 = t0_next
+        n = n_next
+        g_in = g_next
+        beta = beta_next
     if T_TMA:
-        fence_async_shared()
-    gl.thread_barrier()
-    if T_TMA and n == 64:  # (a ragged chunk's tile would write the next sequence's rows)
-        row = (b * t_total + t0).to(gl.int32)
-        tma.async_copy_shared_to_global(t_desc, [row, 2 * i_h * 64], out.index(0))
-        tma.async_copy_shared_to_global(t_desc, [row, (2 * i_h + 1) * 64], out.index(1))
-        tma.store_wait(0)  # (the tile is read before the program's shared memory goes)
-    else:
-        ro = gl.arange(0, 64, layout=gl.SliceLayout(1, OUT))
-        co = gl.arange(0, 64, layout=gl.SliceLayout(0, OUT))
-        t_base = t_ptr + b * s_tb + t0 * s_tt + 2 * i_h * s_th + (ro * s_tt)[:, None] + co[None, :]
-        gl.store(t_base, out.index(0).load(OUT), mask=(ro < n)[:, None])
-        gl.store(t_base + s_th, out.index(1).load(OUT), mask=(ro < n)[:, None])
+        tma.store_wait(0)  # (the last tile is read before the program's shared memory goes)
+    mbarrier.invalidate(bar.index(0))
+    mbarrier.invalidate(bar.index(1))
 
 
 @gluon.jit
@@ -288,15 +342,35 @@ def _add(x, y):
     return x + y
 
 
+def chunks_per_program(num_chunks: int, hv: int, slots: int, limit: int) -> int:
+    """Chunks each inverse program runs in turn (a power of two up to `limit`; 1 where `slots`
+    is 0): the count whose grid finishes first when `slots` programs (SMs x PROGRAMS_PER_SM) run
+    at once, a program of p chunks taking p + START_COST chunk times (its first chunk's loads
+    are not hidden). Whole waves matter most: on the H100, 1x8K 16/16 (2048 chunk-heads, 528
+    slots) took 32.2 us at 4 chunks per program (one wave) and 38.0 us at 3 (two waves of 3).
+    Powers of two: the counts timed (v5.7), the model's ties between others left untimed."""
+    if slots <= 0:
+        return 1
+
+    def cost(p: int) -> float:
+        waves = -(-(-(-num_chunks // p) * hv) // slots)
+        return waves * (p + START_COST)
+
+    counts = [1 << i for i in range(max(1, int(limit)).bit_length()) if 1 << i <= max(1, int(limit))]
+    return min(counts, key=lambda p: (cost(p), -p))
+
+
 def inverse(k, g, beta, tinv, gcum, chunks, num_chunks: int, bound, hv: int, group: int, decay_bound: bool,
-            k_desc, sites=None, device_index: int = 0, t_desc=None):
+            k_desc, sites=None, device_index: int = 0, t_desc=None, per_program: int = 1):
     """Launch over `num_chunks` chunk rows (chunk._plan's `chunks`) and the value heads: tinv
     [B, T, 2 HV, 64] (bf16 pair), gcum [B, T, HV, 2] and, with `decay_bound`, bound [B, T, HV]
     are written. k_desc: `chunk_sm90.descriptor(k, K)`. `sites`: the call layout's compiled
     kernels (`launch.launch`). t_desc: `chunk_sm90.descriptor(tinv, 64)` to store full chunks'
-    T_u by TMA, or None."""
-    launch(sites, "inverse", _inverse_kernel, (num_chunks, hv), (
+    T_u by TMA, or None. per_program: chunk rows per program (`chunks_per_program`)."""
+    per_program = max(1, int(per_program))
+    launch(sites, "inverse", _inverse_kernel, (triton.cdiv(num_chunks, per_program), hv), (
         k_desc, g, beta, tinv, gcum, chunks, bound, *g.stride(), *beta.stride(), *tinv.stride()[:3],
-        *gcum.stride()[:3], *bound.stride()[:3], k.shape[1], t_desc), dict(
-        GROUP=group, K=k.shape[3], DECAY_BOUND=decay_bound, T_TMA=t_desc is not None, num_warps=NUM_WARPS),
+        *gcum.stride()[:3], *bound.stride()[:3], k.shape[1], t_desc, num_chunks, per_program), dict(
+        GROUP=group, K=k.shape[3], DECAY_BOUND=decay_bound, T_TMA=t_desc is not None, num_warps=NUM_WARPS,
+        maxnreg=MAX_REGISTERS),
         device_index)

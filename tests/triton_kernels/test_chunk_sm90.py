@@ -25,9 +25,9 @@ class _Recorder:
         self.params = inspect.signature((kernel or chunk_sm90._recurrence_kernel).fn).parameters
 
     def __getitem__(self, grid):
-        def launch(*args, num_warps, **kwargs):
+        def launch(*args, num_warps, maxnreg=None, **kwargs):
             bound = inspect.Signature(list(self.params.values())).bind(*args, **kwargs)
-            self.calls.append((grid, num_warps, dict(bound.arguments)))
+            self.calls.append((grid, num_warps, dict(bound.arguments, maxnreg=maxnreg)))
         return launch
 
 
@@ -113,8 +113,9 @@ def test_map_pass_binds_its_arguments(monkeypatch, transposed):
     assert (a["HV"], a["GROUP"], a["K"], a["V"]) == (4, 2, 128, 64)
 
 
-@pytest.mark.parametrize("decay_bound, t_tma", [(False, False), (True, False), (True, True)])
-def test_inverse_binds_its_arguments(monkeypatch, decay_bound, t_tma):
+@pytest.mark.parametrize("decay_bound, t_tma, per_program, programs", [
+    (False, False, 1, 7), (True, False, 1, 7), (True, True, 1, 7), (True, True, 3, 3), (False, True, 8, 1)])
+def test_inverse_binds_its_arguments(monkeypatch, decay_bound, t_tma, per_program, programs):
     rec = _Recorder(inverse_sm90._inverse_kernel)
     monkeypatch.setattr(inverse_sm90, "_inverse_kernel", rec)
     q, k, v, tinv, gcum = _inputs(t=200)
@@ -123,11 +124,15 @@ def test_inverse_binds_its_arguments(monkeypatch, decay_bound, t_tma):
     chunks = torch.zeros(7, 3, dtype=torch.int32)
     k_desc = chunk_sm90.descriptor(k, 128)
     t_desc = chunk_sm90.descriptor(tinv, chunk_sm90.CHUNK_SIZE) if t_tma else None
-    inverse_sm90.inverse(k, g, beta, tinv, gcum, chunks, 7, bound, 4, 2, decay_bound, k_desc, t_desc=t_desc)
+    inverse_sm90.inverse(k, g, beta, tinv, gcum, chunks, 7, bound, 4, 2, decay_bound, k_desc, t_desc=t_desc,
+                         per_program=per_program)
     ((grid, warps, a),) = rec.calls
     # full chunks' T_u by TMA through the output pass's T_u descriptor ([64, 64] tiles of the pair)
     assert a["t_desc"] is t_desc and a["T_TMA"] is t_tma
-    assert grid == (7, 4) and warps == inverse_sm90.NUM_WARPS  # chunk rows x value heads
+    # programs of per_program chunk rows (the last one may have fewer) x value heads
+    assert grid == (programs, 4) and warps == inverse_sm90.NUM_WARPS
+    assert a["num_chunks"] == 7 and a["per_program"] == per_program
+    assert a["maxnreg"] == inverse_sm90.MAX_REGISTERS == 128  # four programs per SM
     assert a["k_desc"] is k_desc and a["g_ptr"] is g and a["beta_ptr"] is beta and a["t_ptr"] is tinv
     assert a["gcum_ptr"] is gcum and a["chunk_ptr"] is chunks and a["bound_ptr"] is bound
     assert (a["s_gb"], a["s_gt"], a["s_gh"]) == g.stride() and (a["s_bb"], a["s_bt"], a["s_bh"]) == beta.stride()
@@ -169,11 +174,12 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, 
         final.zero_()
 
     def inverse(k, g, beta, tinv, gcum, chunks, num_chunks, bound, hv, group, decay_bound, k_desc, sites=None,
-                device_index=0, t_desc=None):
+                device_index=0, t_desc=None, per_program=1):
         # the Triton inverse on the same buffers, so that what reads them downstream runs as it would
         calls["inverse"] = dict(tinv=(tinv.shape, tinv.dtype), gcum=gcum.shape, chunks=chunks.shape,
                                 num_chunks=num_chunks, hv=hv, group=group, decay_bound=decay_bound,
-                                bound=bound.shape if decay_bound else None, k_desc=k_desc, t_desc=t_desc)
+                                bound=bound.shape if decay_bound else None, k_desc=k_desc, t_desc=t_desc,
+                                per_program=per_program)
         cfg = tc.launch_config(k.dtype, 128, 128, group, hv, False)["inverse"]
         tc._inverse_kernel[(num_chunks, hv)](k, g, beta, tinv, gcum, chunks, bound, *k.stride(), *g.stride(),
                                              *beta.stride(), *tinv.stride()[:3], *gcum.stride()[:3],
@@ -232,5 +238,30 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, 
         assert inv["t_desc"] is (descs[3] if tc.TUNING["gluon_inverse_tma"] else None)
         assert inv["gcum"] == (bsz, t_len, 4, 2) and (inv["hv"], inv["group"]) == (4, 2)
         assert inv["num_chunks"] == bsz * 4 and inv["chunks"][0] >= inv["num_chunks"]
+        # chunks per program: as many as keep four programs per SM, at most the tuning's limit
+        assert inv["per_program"] == inverse_sm90.chunks_per_program(bsz * 4, 4, tc.inverse_slots(q.device),
+                                                                     tc.TUNING["inverse_chunks_per_program"])
         # the map-norm bounds where maps may be skipped
         assert inv["decay_bound"] == ("map" in calls and tc.TUNING["skip_negligible_maps"])
+
+
+def test_inverse_chunks_per_program():
+    """Each Gluon inverse program runs several chunks in turn, as many as finish the grid first
+    in whole waves of `slots` programs (a program's first chunk costing a little more); never
+    more than the limit, never fewer than one. The expected counts are the H100's best of
+    1 .. 16 in v5.7's timings (NOTES.md)."""
+    per = inverse_sm90.chunks_per_program
+    assert per(64, 16, 528, 16) == 2  # 1x4K 16/16 on 132 SMs: 512 programs, one wave
+    assert per(128, 16, 528, 16) == 4  # 1x8K: one wave of 4 (3 would take two waves of 3)
+    assert per(256, 16, 528, 16) == 8  # 1x16K
+    assert per(512, 16, 528, 16) == 16 and per(512, 32, 528, 16) == 16  # 1x32K, 8x4K 16/32
+    assert per(2048, 16, 528, 16) == 16 and per(2048, 32, 528, 16) == 16  # 1x128K 16/16, 32/32
+    assert per(2048, 16, 528, 8) == 8 and per(2048, 16, 528, 12) == 8  # the limit (powers of two)
+    assert per(100, 1, 528, 16) == 1 and per(5, 4, 528, 16) == 1  # fewer chunks than slots
+    assert per(2048, 16, 528, 1) == 1  # the limit 1: one chunk per program (v5.6's grid)
+    assert per(2048, 16, 0, 16) == 1  # no device to fill (CPU)
+    for n, hv, slots, limit in [(128, 16, 528, 16), (512, 32, 528, 4), (4096, 32, 264, 8), (1000, 7, 528, 16)]:
+        p = per(n, hv, slots, limit)
+        assert 1 <= p <= limit and p & (p - 1) == 0
+        waves = lambda p: -(-(-(-n // p) * hv) // slots)  # noqa: E731
+        assert waves(p) * p <= waves(1) * (1 + inverse_sm90.START_COST)  # never slower than one per program

@@ -385,7 +385,9 @@ def test_gluon_inverse(kind, seq_len, t_tma):
     within 1e-6 relative (the same split products, sums in another order; 2e-7 at most measured
     in v5.3), the gates' prefix sums and the map-norm bounds the same, nothing written past a
     chunk's rows, deterministic. Outputs poisoned first. t_tma: full chunks' T_u stored by TMA
-    (TUNING["gluon_inverse_tma"], on by default), ragged ones by rows."""
+    (TUNING["gluon_inverse_tma"], on by default), ragged ones by rows. Programs of several chunks
+    (v5.7: the next chunk's k and gates loaded during the current one; 3 and 8 per program here,
+    across ragged chunks and sequence ends) give bitwise the results of one chunk per program."""
     from flashdelta.triton import chunk as tc
     from flashdelta.triton import chunk_sm90, inverse_sm90
 
@@ -401,7 +403,7 @@ def test_gluon_inverse(kind, seq_len, t_tma):
     plan, cfg, _, gluon, _, _ = tc._setup(q, k, v, seqs, False, None)
     assert gluon
 
-    def run(triton_kernel):
+    def run(triton_kernel, per_program=3):
         tinv = torch.full((bsz, t_len, 2 * hv, 64), float("nan"), dtype=torch.bfloat16, device="cuda")
         gcum = torch.full((bsz, t_len, hv, 2), float("nan"), device="cuda")
         bound = torch.full((bsz, t_len, hv), float("nan"), device="cuda")
@@ -412,10 +414,14 @@ def test_gluon_inverse(kind, seq_len, t_tma):
         else:
             inverse_sm90.inverse(k, g, beta, tinv, gcum, plan["chunks"], plan["num_chunks"], bound, hv, hv // 2,
                                  True, chunk_sm90.descriptor(k, 128),
-                                 t_desc=chunk_sm90.descriptor(tinv, 64) if t_tma else None)
+                                 t_desc=chunk_sm90.descriptor(tinv, 64) if t_tma else None,
+                                 per_program=per_program)
         return tinv, gcum, bound
 
     ref, out, again = run(True), run(False), run(False)
+    one, eight = run(False, per_program=1), run(False, per_program=8)
+    for x, y, z in zip(out, one, eight):  # (NaN where unwritten: the same places)
+        assert torch.equal(x.nan_to_num(7.0), y.nan_to_num(7.0)) and torch.equal(x.nan_to_num(7.0), z.nan_to_num(7.0))
     starts = _chunk_starts(t_len, cu)
     if cu is not None:  # tokens past the last sequence belong to no chunk: unwritten by both
         t_valid = int(cu[-1])
