@@ -14,6 +14,8 @@ for every warp (the level-32 merge: the chunk's top-left block; the level-16 A_{
 T_0 or T_2, both computed, one kept per warp) it is a plain product over rows. T_u leaves
 through k's tile (free after the gram) in 16-byte rows. v5.3 on the H100: inverse -35 to -38%
 against the Triton kernel; ncu: the shared-memory / L1 pipe at 80% of its peak (NOTES.md).
+A program runs several chunks in turn (v5.7): the next chunk's k arrives in a second tile and
+its g, beta in registers while the current one is solved (inverse -6 to -13% on the H100).
 
 Scope: as `chunk_sm90.supported` (bf16 k without the in-kernel L2 norm, K = 128, T_u as a
 bf16 pair, TMA-readable k). The results are the Triton kernel's up to the order of the sums

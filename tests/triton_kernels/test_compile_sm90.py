@@ -72,8 +72,9 @@ def test_gluon_passes_fit_two_per_sm_without_hoisted_descriptors():
 
 def test_gluon_inverse_fits_four_per_sm():
     """The Gluon inverse (inverse_sm90.py) is latency-bound per program, so several must share an
-    SM: four fit (107 and 127 registers without spill, 42 KB of shared memory, v5.3). Its own
-    products are mma.sync, its gram one wgmma."""
+    SM: four fit (v5.3: 107 and 127 registers, 42 KB; v5.7's chunk loop: 128 registers under its
+    maxnreg cap, without spill, 54 KB with k's second tile). Its own products are mma.sync, its
+    gram one wgmma."""
     from flashdelta.triton import inverse_sm90
 
     assert inverse_sm90.NUM_WARPS == 4
