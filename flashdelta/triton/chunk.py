@@ -745,7 +745,7 @@ TUNING = {
     # chunks each Gluon inverse program runs in turn, the next one's k and gates loaded during
     # the current one: at most this many, the count chosen per call for whole waves of four
     # programs per SM (`inverse_sm90.chunks_per_program`; 1: one chunk per program, v5.6's grid).
-    # H100: inverse -4 to -13% from 1x8K to 1x128K (NOTES.md v5.7)
+    # H100: the inverse alone -6 to -13% from 1x8K to 1x128K (NOTES.md v5.7)
     "inverse_chunks_per_program": 16,
     # each sequence's first partition run beside the map pass (`_plan`'s lead rows): None lets
     # `predicted_cost` decide per call (and, with skip_negligible_maps, the GPU between that

@@ -24,6 +24,8 @@ inside the products (checked on the GPU against it and the fp64 oracle).
 
 from __future__ import annotations
 
+import functools
+
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -344,6 +346,7 @@ def _add(x, y):
     return x + y
 
 
+@functools.lru_cache(maxsize=256)  # (per call on the host's path; a function of four integers)
 def chunks_per_program(num_chunks: int, hv: int, slots: int, limit: int) -> int:
     """Chunks each inverse program runs in turn (a power of two up to `limit`; 1 where `slots`
     is 0): the count whose grid finishes first when `slots` programs (SMs x PROGRAMS_PER_SM) run
