@@ -4,7 +4,8 @@
 
 Runs the Triton kernel's chunk recurrence in fp64 with each product's operands rounded as
 the GPU would (bf16 inputs; fp32 intermediates; "split": fp32 operands as bf16 hi + lo,
-lo x lo dropped; "bf16": one product of bf16-rounded operands; "a_hi" / "b_hi": the split
+lo x lo dropped; "bf16": one product of bf16-rounded operands; "fp16": one product of fp16
+operands, each tile scaled by a power of two into fp16's range; "a_hi" / "b_hi": the split
 with one operand rounded, two products) and prints the relative
 L2 error of o and of the final state against the fp64 token loop, for the all-split
 kernel and for each product given one bf16 product. Products (per chunk and head):
@@ -29,10 +30,22 @@ def f32(x):
     return x.float().double()
 
 
+def fp16(x):
+    """x as one fp16 tile scaled by a power of two (max |x| in [2^14, 2^15)), then unscaled:
+    11 significant bits with fp32's range; entries 2^30 below the tile's largest are subnormal."""
+    big = x.abs().max()
+    if big == 0:
+        return x
+    e = 14 - torch.floor(torch.log2(big))
+    return (x * 2.0**e).to(torch.float16).double() * 2.0**-e
+
+
 def product(a, b, a_fp32: bool, b_fp32: bool, mode: str):
     """a @ b as the GPU computes it; a_fp32/b_fp32: the operand is an fp32 quantity."""
     if mode == "bf16":
         return f32(bf(a) @ bf(b))
+    if mode == "fp16":  # one product of scaled fp16 operands (a bf16 input converts exactly)
+        return f32(fp16(a) @ fp16(b))
     a_hi, b_hi = bf(a), bf(b)
     a_lo = bf(f32(a) - a_hi) if a_fp32 and mode != "a_hi" else torch.zeros_like(a_hi)
     b_lo = bf(f32(b) - b_hi) if b_fp32 and mode != "b_hi" else torch.zeros_like(b_hi)
@@ -89,6 +102,10 @@ def main():
             variants[f"{p} {m}"] = {**dict.fromkeys(PRODUCTS, "split"), p: m}
     variants["P5 bf16 P6 a_hi"] = {**dict.fromkeys(PRODUCTS, "split"), "P5": "bf16", "P6": "a_hi"}
     variants["P5 bf16 P6 b_hi"] = {**dict.fromkeys(PRODUCTS, "split"), "P5": "bf16", "P6": "b_hi"}
+    for p in PRODUCTS:
+        variants[f"{p} fp16"] = {**dict.fromkeys(PRODUCTS, "split"), p: "fp16"}
+    variants["P5 P6 fp16"] = {**dict.fromkeys(PRODUCTS, "split"), "P5": "fp16", "P6": "fp16"}
+    variants["all fp16"] = dict.fromkeys(PRODUCTS, "fp16")
     print("relative L2 error, o / state, against the fp64 token loop")
     print(f"{'variant':16}" + "".join(f"{kd[:19]:>22}" for kd in kinds))
     for name, modes in variants.items():
