@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import flashdelta as fd
 from flashdelta.triton import chunk as tc
+from flashdelta.triton import recurrent as tr
 
 pytestmark = pytest.mark.gpu
 
@@ -85,6 +86,25 @@ def test_prefill_offsets_past_2_31(dtype, seed, monkeypatch):
                                   partition_chunks=partition_chunks, out=o_h, final_state_out=s_h)
     assert torch.equal(o[:, body, head], o_h) and torch.equal(s[:1, head], s_h)
     assert not torch.isnan(o).any()
+
+
+def test_recurrent_offsets_past_2_31(seed):
+    """The token-by-token kernel on 8192 sequences of 128 tokens (2^32 elements in q, k, v and
+    o; the final states [8192, 32, 128, 128] pass 2^32 too): rows past 2^31 give the outputs and
+    states of the same rows run alone, bitwise."""
+    _need_gib(60)
+    q, k, v, g, beta, _ = _big_inputs(torch.bfloat16, seed)
+    batch = T_BIG // 128
+    q, k, v, g, beta = (x.view(batch, 128, *x.shape[2:]) for x in (q, k, v, g, beta))
+    o = torch.full_like(v, float("nan"))
+    s = torch.full((batch, HEADS, DIM, DIM), float("nan"), device="cuda")
+    tr.fused_recurrent_gated_delta_rule_fwd(q, k, v, g, beta, DIM**-0.5, None, True, out=o, final_state_out=s)
+    for b in (batch // 2 + 3, batch - 1):
+        rows = slice(b, b + 1)
+        o_b, s_b = fd.fused_recurrent_gated_delta_rule(*(x[rows].clone() for x in (q, k, v, g, beta)),
+                                                       output_final_state=True, backend="triton")
+        assert torch.equal(o[rows], o_b) and torch.equal(s[rows], s_b)
+    assert not torch.isnan(o).any() and not torch.isnan(s).any()
 
 
 @pytest.mark.parametrize("tokens", [1, 3])
