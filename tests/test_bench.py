@@ -60,3 +60,15 @@ def test_warm_up_calls_each_prefill_once_per_head_configuration(capsys):
     assert sorted(varlen for _, varlen in calls) == [False, True]
     assert all(shape[2] == 2 and shape[3] == 16 for shape, _ in calls)
     assert len([line for line in capsys.readouterr().err.splitlines() if line.startswith("warm-up h2/4")]) == 2
+
+
+def test_short_prefill_rows_also_timed_as_graphs():
+    """The GPU suite's short prefill rows come twice: eager (host time included) and as a
+    CUDA-graph replay (kernels only), with distinct labels; the long rows eager only."""
+    shapes = bench.gpu_shapes("prefill", quick=False)
+    labels = [s.label for s in shapes]
+    assert len(labels) == len(set(labels))
+    graphs = [s for s in shapes if s.graph]
+    assert {s.label for s in graphs} == {f"{n} h16/16 {g} graph" for n in ("1x4K", "1x8K") for g in ("strong", "weak")}
+    assert all(s.total_tokens <= 8192 for s in graphs)
+    assert all(f"{s.name} h16/16 {s.gate}" in labels for s in graphs)  # the same row eager
