@@ -5,7 +5,8 @@
 Runs the Triton kernel's chunk recurrence in fp64 with each product's operands rounded as
 the GPU would (bf16 inputs; fp32 intermediates; "split": fp32 operands as bf16 hi + lo,
 lo x lo dropped; "bf16": one product of bf16-rounded operands; "fp16": one product of fp16
-operands, each tile scaled by a power of two into fp16's range; "a_hi" / "b_hi": the split
+operands, each tile scaled by a power of two into fp16's range; "fp16_a_b_pair": a as one such
+fp16 tile, b as an fp16 hi + lo pair (two products); "a_hi" / "b_hi": the split
 with one operand rounded, two products) and prints the relative
 L2 error of o and of the final state against the fp64 token loop, for the all-split
 kernel and for each product given one bf16 product. Products (per chunk and head):
@@ -46,6 +47,9 @@ def product(a, b, a_fp32: bool, b_fp32: bool, mode: str):
         return f32(bf(a) @ bf(b))
     if mode == "fp16":  # one product of scaled fp16 operands (a bf16 input converts exactly)
         return f32(fp16(a) @ fp16(b))
+    if mode == "fp16_a_b_pair":  # a as one scaled fp16 tile, b as a scaled fp16 hi + lo pair: 2 products
+        b_hi = fp16(b)
+        return f32(fp16(a) @ b_hi + fp16(a) @ fp16(f32(b) - b_hi))
     a_hi, b_hi = bf(a), bf(b)
     a_lo = bf(f32(a) - a_hi) if a_fp32 and mode != "a_hi" else torch.zeros_like(a_hi)
     b_lo = bf(f32(b) - b_hi) if b_fp32 and mode != "b_hi" else torch.zeros_like(b_hi)
@@ -106,6 +110,7 @@ def main():
         variants[f"{p} fp16"] = {**dict.fromkeys(PRODUCTS, "split"), p: "fp16"}
     variants["P5 P6 fp16"] = {**dict.fromkeys(PRODUCTS, "split"), "P5": "fp16", "P6": "fp16"}
     variants["all fp16"] = dict.fromkeys(PRODUCTS, "fp16")
+    variants["P23 fp16 T_u, X pair"] = {**dict.fromkeys(PRODUCTS, "split"), "P23": "fp16_a_b_pair"}
     print("relative L2 error, o / state, against the fp64 token loop")
     print(f"{'variant':16}" + "".join(f"{kd[:19]:>22}" for kd in kinds))
     for name, modes in variants.items():
