@@ -78,7 +78,6 @@ VARIANTS = [
     {"inverse_chunks_per_program": 2},  # 53: at most two chunks per inverse program
     {"inverse_chunks_per_program": 4},  # 54: at most four
     {"inverse_chunks_per_program": 16},  # 55: at most sixteen
-    {"gluon_map_transposed": False, "gluon_map_single_k": True},  # 56: the map pass with one k tile, 3 per SM
 ]
 SHAPES = [("1x8K 16/16", [8192], 16, 16), ("1x32K 16/16", [32768], 16, 16), ("8x4K 16/32", [4096] * 8, 16, 32)]
 ERROR_KINDS = ["random", "near_identical_keys", "strong_decay", "zero_decay", "large_initial_state"]

@@ -135,7 +135,6 @@ def sm90_kernels(arch: int = 90):
             mode["warm_ptr"] = None
         mode["O_TMA"] = not mode["MAP"] and tc.TUNING["gluon_o_tma"]
         mode["WIDE_KS"] = not mode["MAP"] and tc.TUNING["gluon_wide_ks"]
-        mode["K_SINGLE"] = mode["MAP"] and tc.TUNING["gluon_map_single_k"]
         if not mode["O_TMA"]:  # launched with o_desc None
             mode["o_desc"] = None
         yield name, compile_gluon(g._recurrence_kernel, mode)

@@ -735,10 +735,6 @@ TUNING = {
     # Bitwise the same maps; H100: map pass -5 to -8%, shared-memory wavefronts -30% (NOTES.md
     # v5.6); False: `_recurrence_kernel` with MAP (A/B checks)
     "gluon_map_transposed": True,
-    # with gluon_map_transposed off: the map pass on the state's own tiles with one k tile, the next
-    # chunk's fetched once the state update has read it (74 KB, 168 registers: three programs per
-    # SM instead of two)
-    "gluon_map_single_k": False,
     # the inverse in Gluon where the Gluon passes run (inverse_sm90.py: each warp owns 16 rows
     # of every tile, the small products as mma.sync on register first operands; T_u within
     # 2e-7 of the Triton kernel's). H100: inverse -35 to -38%, kernels per call -7 to -12%
@@ -1211,8 +1207,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             if plan["num_maps"] and gluon:
                 chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, plan["num_maps"], hv, group,
-                                    warm=warm_table, transposed=TUNING["gluon_map_transposed"],
-                                    k_single=TUNING["gluon_map_single_k"], **gluon_kw)
+                                    warm=warm_table, transposed=TUNING["gluon_map_transposed"], **gluon_kw)
             elif plan["num_maps"]:
                 run("map pass", _recurrence_kernel, (plan["num_maps"] * hv * (nvb + cfg["nkb"]),),
                     *tiles, None, None, map_d, map_m, maps, warm_table, *strides, scale, t_len,

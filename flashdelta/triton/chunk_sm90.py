@@ -116,7 +116,6 @@ def _recurrence_kernel(
     HAS_STATE_IN: gl.constexpr, PARTITIONED: gl.constexpr, STORE_FINAL: gl.constexpr,
     PACKED_SPLIT: gl.constexpr = True, SPLIT_QS: gl.constexpr = True, WARM: gl.constexpr = False,
     MAY_BE_EMPTY: gl.constexpr = False, O_TMA: gl.constexpr = False, WIDE_KS: gl.constexpr = False,
-    K_SINGLE: gl.constexpr = False,
 ):
     """Grid (partitions x HV x V / 64), or (maps x HV x (V / 64 + K / 64)) when MAP (column
     blocks past V / 64 are M's), flattened with the row slowest. q/k/v_desc: [B * T, heads * dim]
@@ -171,11 +170,7 @@ def _recurrence_kernel(
     # shared memory: k twice (the next chunk's is fetched during this one), q, v, T_u hi / lo
     # once; the state's bf16 pair, whose rows later hold the pairs of X, U and U~. Single
     # buffers are [1, ...] so that the loop can index them by its opaque zero (module doc).
-    if K_SINGLE:  # (MAP) one k tile: the next chunk's is fetched once the state update has read it
-        gl.static_assert(MAP, "K_SINGLE: the map pass only")
-        k_smem = gl.allocate_shared_memory(gl.bfloat16, [1, C, K], k_desc.layout)
-    else:
-        k_smem = gl.allocate_shared_memory(gl.bfloat16, [2, C, K], k_desc.layout)
+    k_smem = gl.allocate_shared_memory(gl.bfloat16, [2, C, K], k_desc.layout)
     if not MAP:
         q_all = gl.allocate_shared_memory(gl.bfloat16, [1, C, K], q_desc.layout)
         bar_q = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -243,10 +238,7 @@ def _recurrence_kernel(
         t0 = t_begin + c * C
         row = row0 + c * C
         more = c + 1 < n_chunks
-        if K_SINGLE:
-            buf = 0
-        else:
-            buf = c % 2
+        buf = c % 2
         zero = gl.zeros([C, BV], gl.float32, acc_l)  # (use_acc=False: never read)
         k_cur = k_smem.index(buf)
         z = c >> 30  # 0, opaque to the compiler: descriptors stay loop-variant (module doc)
@@ -266,16 +258,13 @@ def _recurrence_kernel(
         xl_smem = sl_smem.slice(0, C)
         uh_smem = sh_smem.slice(C, C)
         ul_smem = sl_smem.slice(C, C)
-        if not K_SINGLE:  # the next chunk's k into the other buffer (its last reader, the previous step, is done)
-            _issue(k_desc, row + C, col_k, bar_k.index(1 - buf), k_smem.index(1 - buf), more)
+        # the next chunk's k into the other buffer (its last reader, the previous step, is done)
+        _issue(k_desc, row + C, col_k, bar_k.index(1 - buf), k_smem.index(1 - buf), more)
         n = gl.minimum(t_end - t0, C)
         g_hi, g_lo, last_hi, last_lo = _gates(gcum_ptr, b, t0, t_end, i_h, s_cb, s_ct, s_ch, rt, C)
 
         # K S (and Q S) from the state's bf16 pair (stored by the previous step or the prologue)
-        if K_SINGLE:
-            mbarrier.wait(bar_k.index(0), c & 1)
-        else:
-            mbarrier.wait(bar_k.index(buf), (c // 2) & 1)
+        mbarrier.wait(bar_k.index(buf), (c // 2) & 1)
         if WIDE_KS:  # K [S_hi | S_lo]: k's tile read once for both halves (NOTES.md v5.5)
             ks = warpgroup_mma(k_cur, s2_smem, gl.zeros([C, 2 * BV], gl.float32, acc2_l), use_acc=False,
                                is_async=True)
@@ -348,9 +337,6 @@ def _recurrence_kernel(
             state = warpgroup_mma(k_t, xh_smem, state * gl.exp2(last_hi + last_lo), is_async=True)
             state = warpgroup_mma(k_t, xl_smem, state, is_async=True)
             state = warpgroup_mma_wait(num_outstanding=0, deps=(state,))
-            if K_SINGLE:  # every warp's products have read k: fetch the next chunk's
-                gl.thread_barrier()
-                _issue(k_desc, row + C, col_k, bar_k.index(0), k_cur, more)
             s_hi, s_lo = _hi_lo(state, PACKED_SPLIT)
         else:
             # o = scale (e^G (Q S) + (Q K^T o L) U): the pair of A = Q K^T o L in registers
@@ -818,13 +804,12 @@ def descriptors(q, k, v, tinv) -> tuple:
 
 def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps: int, hv: int, group: int,
              packed_split: bool = True, descs=None, warm=None, sites=None, device_index: int = 0,
-             transposed: bool = False, k_single: bool = False):
+             transposed: bool = False):
     """The affine state map (M, D) of each partition in `maps` but the last of a sequence:
     map_d [maps, HV, K, V], map_m [maps, HV, K, K] are written. `descs`: `descriptors(q, k,
     v, tinv)` when the caller has them. `warm`: chunk._warm_start_kernel's table, or None
     (every map in full). `sites`: the call layout's compiled kernels (`launch.launch`).
-    `transposed`: `_map_kernel_t` (the same maps, bitwise) instead of `_recurrence_kernel`.
-    `k_single` (not transposed): one k tile, 74 KB and 168 registers, three programs per SM."""
+    `transposed`: `_map_kernel_t` (the same maps, bitwise) instead of `_recurrence_kernel`."""
     dk, dv = q.shape[3], v.shape[3]
     if transposed:
         launch(sites, "map pass", _map_kernel_t, (num_maps * hv * (dv // BLOCK_V + dk // BLOCK_V),), (
@@ -836,7 +821,7 @@ def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps: int, hv: int, gr
         *(descs or descriptors(q, k, v, tinv)), gcum, None, None, None, map_d, map_m, maps, warm, *gcum.stride()[:3],
         0, 0, 0, 1.0, q.shape[1], None), dict(
         HV=hv, GROUP=group, K=dk, V=dv, MAP=True, HAS_STATE_IN=False, PARTITIONED=True, STORE_FINAL=False,
-        PACKED_SPLIT=packed_split, WARM=warm is not None, K_SINGLE=k_single, num_warps=NUM_WARPS), device_index)
+        PACKED_SPLIT=packed_split, WARM=warm is not None, num_warps=NUM_WARPS), device_index)
 
 
 def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts: int, partitioned: bool, scale: float,
