@@ -33,7 +33,8 @@ def f32(x):
 
 def fp16(x):
     """x as one fp16 tile scaled by a power of two (max |x| in [2^14, 2^15)), then unscaled:
-    11 significant bits with fp32's range; entries 2^30 below the tile's largest are subnormal."""
+    11 significant bits with fp32's range; entries more than ~2^28 below the tile's largest are
+    subnormal (fewer bits)."""
     big = x.abs().max()
     if big == 0:
         return x
@@ -48,8 +49,8 @@ def product(a, b, a_fp32: bool, b_fp32: bool, mode: str):
     if mode == "fp16":  # one product of scaled fp16 operands (a bf16 input converts exactly)
         return f32(fp16(a) @ fp16(b))
     if mode == "fp16_a_b_pair":  # a as one scaled fp16 tile, b as a scaled fp16 hi + lo pair: 2 products
-        b_hi = fp16(b)
-        return f32(fp16(a) @ b_hi + fp16(a) @ fp16(f32(b) - b_hi))
+        a_16, b_hi = fp16(a), fp16(b)
+        return f32(a_16 @ b_hi + a_16 @ fp16(f32(b) - b_hi))
     a_hi, b_hi = bf(a), bf(b)
     a_lo = bf(f32(a) - a_hi) if a_fp32 and mode != "a_hi" else torch.zeros_like(a_hi)
     b_lo = bf(f32(b) - b_hi) if b_fp32 and mode != "b_hi" else torch.zeros_like(b_hi)
