@@ -157,6 +157,8 @@ def main():
     ap.add_argument("--breakdown", action="store_true",
                     help="only print each kernel's time per shape for each variant, then exit")
     ap.add_argument("--gate", default="strong", choices=["strong", "weak"], help="the breakdown's gates")
+    ap.add_argument("--l2norm", action="store_true",
+                    help="the breakdown's inputs raw, with use_qk_l2norm_in_kernel (the Gluon passes fold it)")
     ap.add_argument("--shapes", default=None, help="comma-separated names of the breakdown's shapes (all if unset)")
     opts = ap.parse_args()
     chosen = [VARIANTS[int(i)] for i in opts.variants.split(",")] if opts.variants else VARIANTS
@@ -166,7 +168,7 @@ def main():
         extra.append(("1x128K 32/32", [131072], 32, 32))
         wanted = opts.shapes.split(",") if opts.shapes else None
         shapes = [(name, make_inputs(Shape("prefill", name, lens, h, hv, gate=opts.gate,
-                                           varlen=name.startswith("varlen")), "cuda"))
+                                           varlen=name.startswith("varlen"), l2norm=opts.l2norm), "cuda"))
                   for name, lens, h, hv in itertools.chain(SHAPES, extra) if wanted is None or name in wanted]
         for variant in chosen:
             use(variant)

@@ -89,6 +89,7 @@ class Shape:
     gate: str = "strong"  # strong | weak
     varlen: bool = False
     graph: bool = False  # time a CUDA-graph replay (no host time: what the kernels take)
+    l2norm: bool = False  # prefill: raw q, k and use_qk_l2norm_in_kernel=True (how Qwen3-Next calls it)
     dtype: str = "bfloat16"
     pool_dtype: str = "float32"  # decode: the state pool
     slots: int = 1024  # decode: pool size
@@ -105,7 +106,8 @@ class Shape:
     @property
     def label(self) -> str:
         if self.suite == "prefill":
-            return f"{self.name} h{self.heads}/{self.value_heads} {self.gate}" + (" graph" if self.graph else "")
+            return (f"{self.name} h{self.heads}/{self.value_heads} {self.gate}" + (" l2norm" if self.l2norm else "")
+                    + (" graph" if self.graph else ""))
         pool = "" if self.pool_dtype == "float32" else f" {self.pool_dtype} pool"
         return f"{self.name} h{self.heads}/{self.value_heads}{pool} {'graph' if self.graph else 'eager'}"
 
@@ -132,6 +134,10 @@ def gpu_shapes(suite: str, quick: bool) -> list[Shape]:
     for gate in ("strong", "weak"):
         for name, lens in (("1x4K", [4096]), ("1x8K", [8192])):
             prefill.append(Shape("prefill", name, lens, 16, 16, gate=gate, graph=True))
+    # models call the op with raw q, k and the in-kernel L2 norm (Qwen3-Next, Qwen3.5)
+    for name, lens, h, hv in rows[2:4] + rows[5:]:
+        prefill.append(Shape("prefill", name, lens, h, hv, l2norm=True))
+    prefill.append(Shape("prefill", "varlen 64K/8", _mixed_lengths(65536, 8), 16, 32, varlen=True, l2norm=True))
     for graph in (False, True):
         for batch in (1, 16, 64, 256):
             decode.append(Shape("decode", f"B={batch} T=1", [1] * batch, 16, 32, graph=graph))
@@ -186,7 +192,9 @@ def _decode_step(backend):
 
 
 def make_inputs(shape: Shape, device, seed: int = 0):
-    """A prefill call: bf16/fp32 q, k (L2-normalised), v; fp32 g from the shape's gate law; fp32 beta."""
+    """A prefill call: bf16/fp32 q, k (L2-normalised; with `shape.l2norm` raw, of norms around
+    sqrt(K) as projections give, and the op normalises them), v; fp32 g from the shape's gate
+    law; fp32 beta."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     n_seqs = len(shape.seq_lens)
     if shape.varlen:
@@ -200,7 +208,7 @@ def make_inputs(shape: Shape, device, seed: int = 0):
         return torch.randn(*s, generator=gen).to(device)
 
     q = randn(b, t, h, dk).to(dtype)
-    k = F.normalize(randn(b, t, h, dk), dim=-1).to(dtype)
+    k = (randn(b, t, h, dk) if shape.l2norm else F.normalize(randn(b, t, h, dk), dim=-1)).to(dtype)
     v = randn(b, t, hv, dv).to(dtype)
     beta = torch.sigmoid(randn(b, t, hv))
     if shape.gate == "strong":
@@ -209,7 +217,7 @@ def make_inputs(shape: Shape, device, seed: int = 0):
         g = -a_log.exp() * F.softplus(randn(b, t, hv) - 4.0)
     else:
         g = -1e-3 * (0.5 + torch.rand(b, t, hv, generator=gen).to(device))  # slow heads, plain DeltaNet
-    kwargs = {}
+    kwargs = {"use_qk_l2norm_in_kernel": True} if shape.l2norm else {}
     if shape.varlen:
         offs = [0]
         for n in shape.seq_lens:
@@ -543,17 +551,19 @@ def warm_up(shapes: list[Shape], impls: list[Impl], device, log=None) -> float:
     Returns the seconds it took."""
     log = log or sys.stderr
     start = time.perf_counter()
-    configs = {(sh.heads, sh.value_heads, sh.dk, sh.dv, sh.dtype, sh.varlen) for sh in shapes if sh.suite == "prefill"}
-    for h, hv, dk, dv, dtype, varlen in sorted(configs):
+    configs = {(sh.heads, sh.value_heads, sh.dk, sh.dv, sh.dtype, sh.varlen, sh.l2norm)
+               for sh in shapes if sh.suite == "prefill"}
+    for h, hv, dk, dv, dtype, varlen, l2norm in sorted(configs):
         lens = _mixed_lengths(4 * CHUNK_WARM, 4) if varlen else [CHUNK_WARM]
-        small = Shape("prefill", "warm-up", lens, h, hv, dk, dv, varlen=varlen, dtype=dtype)
+        small = Shape("prefill", "warm-up", lens, h, hv, dk, dv, varlen=varlen, dtype=dtype, l2norm=l2norm)
         args, kwargs = make_inputs(small, device)
         for impl in impls:
             if impl.prefill is not None:
                 t0 = time.perf_counter()
                 impl.prefill(args, kwargs)
                 _sync(device)
-                print(f"warm-up h{h}/{hv} K={dk} V={dv}{' varlen' if varlen else ''}: {impl.name} "
+                print(f"warm-up h{h}/{hv} K={dk} V={dv}{' varlen' if varlen else ''}{' l2norm' if l2norm else ''}: "
+                      f"{impl.name} "
                       f"{time.perf_counter() - t0:.1f} s", file=log, flush=True)
     return time.perf_counter() - start
 

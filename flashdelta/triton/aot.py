@@ -111,7 +111,7 @@ def sm90_kernels(arch: int = 90):
                      "t_desc": tile(g.CHUNK_SIZE), "gcum_ptr": "*fp32", "o_ptr": "*bf16", "state_in_ptr": "*fp32",
                      "state_out_ptr": "*fp32", "map_d_ptr": "*fp32", "map_m_ptr": "*fp32", "part_ptr": "*i32",
                      "warm_ptr": "*i32", "scale": "fp32", "g_ptr": "*fp32", "beta_ptr": "*fp32", "t_ptr": "*bf16",
-                     "chunk_ptr": "*i32", "bound_ptr": "*fp32", "o_desc": tile(g.BLOCK_V)}
+                     "chunk_ptr": "*i32", "bound_ptr": "*fp32", "o_desc": tile(g.BLOCK_V), "q_ptr": "*bf16"}
         signature = {n: t for n, t in signature.items() if n in fn.arg_names}
         if common:  # the recurrence passes' constants
             constexprs = dict(HV=32, V=128, PARTITIONED=True, PACKED_SPLIT=tc.TUNING["gluon_packed_split"],
@@ -138,18 +138,23 @@ def sm90_kernels(arch: int = 90):
         if not mode["O_TMA"]:  # launched with o_desc None
             mode["o_desc"] = None
         yield name, compile_gluon(g._recurrence_kernel, mode)
+        if name != "gluon map pass":  # with the in-kernel L2 norm, folded (the map pass: the transposed one below)
+            yield name + ", l2norm", compile_gluon(g._recurrence_kernel, dict(mode, L2NORM=True))
     # the output pass on transposed tiles (TUNING["gluon_transposed"], off by default)
     yield "gluon transposed output pass", compile_gluon(g._output_kernel_t, dict(
         HAS_STATE_IN=True, STORE_FINAL=True, MAY_BE_EMPTY=False))
     warm = tc.TUNING["skip_negligible_maps"]
-    yield "gluon transposed map pass", compile_gluon(g._map_kernel_t, dict(
-        HV=32, V=128, PACKED_SPLIT=tc.TUNING["gluon_packed_split"], WARM=warm,
-        **({} if warm else {"warm_ptr": None})), common=False)
+    for suffix, l2norm in (("", False), (", l2norm", True)):
+        yield "gluon transposed map pass" + suffix, compile_gluon(g._map_kernel_t, dict(
+            HV=32, V=128, PACKED_SPLIT=tc.TUNING["gluon_packed_split"], WARM=warm, L2NORM=l2norm,
+            **({} if warm else {"warm_ptr": None})), common=False)
     # the inverse (inverse_sm90.py), with and without the map-norm bounds
-    for name, bound in (("gluon inverse", False), ("gluon inverse, map bounds", True)):
+    for name, bound, l2norm in (("gluon inverse", False, False), ("gluon inverse, map bounds", True, False),
+                                ("gluon inverse, map bounds, l2norm", True, True)):
         t_tma = tc.TUNING["gluon_inverse_tma"]
-        yield name, compile_gluon(inv._inverse_kernel, dict(DECAY_BOUND=bound, T_TMA=t_tma,
-                                                            **({} if t_tma else {"t_desc": None})), common=False,
+        yield name, compile_gluon(inv._inverse_kernel, dict(DECAY_BOUND=bound, T_TMA=t_tma, L2NORM=l2norm,
+                                                            **({} if t_tma else {"t_desc": None}),
+                                                            **({} if l2norm else {"q_ptr": None})), common=False,
                                   maxnreg=inv.MAX_REGISTERS)
 
 

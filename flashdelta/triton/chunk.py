@@ -1083,7 +1083,8 @@ def _setup(q, k, v, seqs: tuple, use_qk_l2norm: bool, partition_chunks: int | No
     operands = ((q, dk, rec["BK"]), (k, dk, rec["BK"]), (v, dv, rec["BV"]))
     rec["TMA"] = rec["TMA"] and _tma_supported(device) and all(_tma_readable(*x) for x in operands)
     rec["TMA_T"] = rec["TMA"] and rec["TMA_T"]
-    gluon = sm90 and chunk_sm90.supported(q, v, rec)
+    # (the folded L2 norm needs the Gluon inverse: it computes the norms and the folded beta)
+    gluon = sm90 and chunk_sm90.supported(q, v, rec) and (TUNING["gluon_inverse"] or not use_qk_l2norm)
     return plan, cfg, rec, gluon, nvb, adaptive
 
 
@@ -1136,8 +1137,10 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     else:
         tinv = torch.empty(bsz, t_len, hv, CHUNK_SIZE, dtype=torch.float32, device=device)
     # [B, T, HV, 2] stored head-major: a chunk's 64 (hi, lo) pairs of one head are 512
-    # contiguous bytes, not 64 lines (H100: inverse -8 to -13%, output pass -1 to -3%; NOTES.md v5.5)
-    gcum = torch.empty(bsz, hv, t_len, 2, dtype=torch.float32, device=device).transpose(1, 2)
+    # contiguous bytes, not 64 lines (H100: inverse -8 to -13%, output pass -1 to -3%; NOTES.md v5.5).
+    # The Gluon passes' folded L2 norm adds two fields: k's and q's norms (chunk_sm90 module doc)
+    fold = gluon and bool(use_qk_l2norm)
+    gcum = torch.empty(bsz, hv, t_len, 4 if fold else 2, dtype=torch.float32, device=device).transpose(1, 2)
     # the chunks' map-norm bounds (at each chunk's first token) and the warm-start table
     warm = plan["num_maps"] > 0 and TUNING["skip_negligible_maps"]
     bound = torch.empty(bsz, t_len, hv, dtype=torch.float32, device=device) if warm else gcum
@@ -1147,7 +1150,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     if gluon:
         gluon_descs = chunk_sm90.descriptors(q, k, v, tinv)
         gluon_kw = dict(packed_split=TUNING["gluon_packed_split"], descs=gluon_descs, sites=sites,
-                        device_index=device_index)
+                        device_index=device_index, l2norm=fold)
         # (o as TMA writes it, where the caller's `out` allows; the transposed pass stores by rows)
         o_tma = TUNING["gluon_o_tma"] and not TUNING["gluon_transposed"] and _tma_readable(o, dv, chunk_sm90.BLOCK_V)
         o_desc = chunk_sm90.descriptor(o, chunk_sm90.BLOCK_V) if o_tma else None
@@ -1156,7 +1159,8 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
                              gluon_descs[1], sites=sites, device_index=device_index,
                              t_desc=gluon_descs[3] if TUNING["gluon_inverse_tma"] else None,
                              per_program=inverse_sm90.chunks_per_program(
-                                 plan["num_chunks"], hv, inverse_slots(device), TUNING["inverse_chunks_per_program"]))
+                                 plan["num_chunks"], hv, inverse_slots(device), TUNING["inverse_chunks_per_program"]),
+                             q=q if fold else None)
     else:
         run("inverse", _inverse_kernel, (plan["num_chunks"], hv),
             k, g, beta, tinv, gcum, plan["chunks"], bound, *k.stride(), *g.stride(), *beta.stride(),

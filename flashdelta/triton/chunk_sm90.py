@@ -17,8 +17,16 @@ Since v4.8 the hi + lo splits take two elements per packed conversion (`_hi_lo`)
 state's products run before o's, so the next state's pair is formed while o's run (255 + 56 B;
 map pass -9%, output pass -13 to -18% more).
 
-Scope (`supported`): bf16 q, k, v without the in-kernel L2 norm (k, q exact tensor-core
-operands), K = 128, V a multiple of 64, T_u as a bf16 hi + lo pair, TMA-readable layouts.
+Scope (`supported`): bf16 q, k, v (k, q exact tensor-core operands), K = 128, V a multiple of
+64, T_u as a bf16 hi + lo pair, TMA-readable layouts.
+
+The in-kernel L2 norm (L2NORM) is folded, not applied: with n_t = sqrt(|k_t|^2 + eps), the
+normalised token's update e^g (I - beta k^ k^T) S + beta k^ v^T (k^ = k / n) is exactly
+e^g (I - b' k k^T) S + b' k (n v)^T with b' = beta / n^2, and o_t = S^T q_t / sqrt(|q_t|^2 + eps).
+So the products take the raw bf16 q and k (exact operands, no normalised copy rounded to bf16
+as the peers make), the inverse takes b' (and computes both norms, inverse_sm90), v's rows are
+scaled by n_t and o's by 1 / |q_t|: two more [64] loads per step. gcum then holds four fields
+per token and head: G's hi and lo, n_t (NORM_K) and 1 / |q_t| (NORM_Q).
 Gluon kernels do not run in the interpreter: CI compiles them for sm_90 (tests check their
 resources); their numbers are tested on the GPU against the Triton kernel and the fp64 oracle.
 
@@ -47,6 +55,8 @@ from .launch import launch
 
 CHUNK_SIZE = 64
 BLOCK_V = 64
+NORM_K = gl.constexpr(2)  # gcum's fields with the in-kernel L2 norm: sqrt(|k|^2 + eps), then 1 / sqrt(|q|^2 + eps)
+NORM_Q = gl.constexpr(3)
 NUM_WARPS = 4  # one warpgroup: [64, 64] wgmma tiles, two programs per SM
 
 
@@ -109,6 +119,13 @@ def _gates(gcum_ptr, b, t0, t_end, i_h, s_cb, s_ct, s_ch, rt, C: gl.constexpr):
 
 
 @gluon.jit
+def _field(gcum_ptr, b, t0, t_end, i_h, s_cb, s_ct, s_ch, idx, FIELD: gl.constexpr, C: gl.constexpr):
+    """Field FIELD of gcum for the chunk at t0's tokens idx (0 past t_end), in idx's layout."""
+    n = gl.minimum(t_end - t0, C)
+    return gl.load(gcum_ptr + b * s_cb + (t0 + idx) * s_ct + i_h * s_ch + FIELD, mask=idx < n, other=0.0)
+
+
+@gluon.jit
 def _recurrence_kernel(
     q_desc, k_desc, v_desc, t_desc, gcum_ptr, o_ptr, state_in_ptr, state_out_ptr, map_d_ptr, map_m_ptr, part_ptr,
     warm_ptr, s_cb, s_ct, s_ch, s_ob, s_ot, s_oh, scale, t_total, o_desc,
@@ -116,6 +133,7 @@ def _recurrence_kernel(
     HAS_STATE_IN: gl.constexpr, PARTITIONED: gl.constexpr, STORE_FINAL: gl.constexpr,
     PACKED_SPLIT: gl.constexpr = True, SPLIT_QS: gl.constexpr = True, WARM: gl.constexpr = False,
     MAY_BE_EMPTY: gl.constexpr = False, O_TMA: gl.constexpr = False, WIDE_KS: gl.constexpr = False,
+    L2NORM: gl.constexpr = False,
 ):
     """Grid (partitions x HV x V / 64), or (maps x HV x (V / 64 + K / 64)) when MAP (column
     blocks past V / 64 are M's), flattened with the row slowest. q/k/v_desc: [B * T, heads * dim]
@@ -129,7 +147,8 @@ def _recurrence_kernel(
     fence waited on them (NOTES.md v5.4); a ragged last chunk is stored by rows with the mask.
     WIDE_KS: the state's pair is held side by side and K S is one 128-column product K [S_hi |
     S_lo] whose halves are summed in registers: k's tile is read once, not twice (the passes are
-    bound by the shared-memory pipe; NOTES.md v5.5)."""
+    bound by the shared-memory pipe; NOTES.md v5.5). L2NORM: the norms folded (module doc): v's
+    rows times gcum's NORM_K, o's times NORM_Q."""
     C: gl.constexpr = 64
     BV: gl.constexpr = 64
     NVB: gl.constexpr = V // BV
@@ -288,6 +307,8 @@ def _recurrence_kernel(
         # X = V - e^G (K S) (V = 0 in M's columns), its pair into the state pair's first rows
         mbarrier.wait(bar_v, c & 1, pred=has_v)
         v = v_smem.load(acc_l).to(gl.float32)
+        if L2NORM:
+            v = v * _field(gcum_ptr, b, t0, t_end, i_h, s_cb, s_ct, s_ch, rt, NORM_K, C)[:, None]
         if MAP:  # M's programs never fill v's buffer: a select, so its contents are not used
             v = gl.where(is_m, 0.0, v)
         x = v - gl.exp2(g_hi)[:, None] * ks
@@ -360,6 +381,8 @@ def _recurrence_kernel(
             s_hi, s_lo = _hi_lo(state, PACKED_SPLIT)
             # (A's registers are operands until the products are done: kept alive through the wait)
             o, a_hi, a_lo = warpgroup_mma_wait(num_outstanding=0, deps=(o, a_hi, a_lo))
+            if L2NORM:
+                o = o * _field(gcum_ptr, b, t0, t_end, i_h, s_cb, s_ct, s_ch, rt, NORM_Q, C)[:, None]
             o_out = (o * scale).to(o_ptr.dtype.element_ty)
             o_base = o_ptr + b * s_ob + t0 * s_ot + i_h * s_oh + c0
             if O_TMA:  # full chunks by TMA (a ragged last chunk's would write the next sequence's rows)
@@ -609,7 +632,7 @@ def _output_kernel_t(
 def _map_kernel_t(
     k_desc, v_desc, t_desc, gcum_ptr, map_d_ptr, map_m_ptr, part_ptr, warm_ptr, s_cb, s_ct, s_ch, t_total,
     HV: gl.constexpr, GROUP: gl.constexpr, K: gl.constexpr, V: gl.constexpr,
-    PACKED_SPLIT: gl.constexpr = True, WARM: gl.constexpr = False,
+    PACKED_SPLIT: gl.constexpr = True, WARM: gl.constexpr = False, L2NORM: gl.constexpr = False,
 ):
     """The map pass on transposed tiles (`TUNING["gluon_map_transposed"]`), as `_output_kernel_t`
     for the output pass: the columns of D (values, zero start) and of M (start I, v = 0) held
@@ -621,7 +644,7 @@ def _map_kernel_t(
     less shared-memory traffic (ncu). T_u is double-buffered as k (107 KB, two per SM still fit):
     the next chunk's is fetched a whole step ahead. The same products of the same pairs in the
     same order: bitwise `_recurrence_kernel`'s maps. Grid and arguments as `_recurrence_kernel`
-    with MAP."""
+    with MAP (L2NORM: v's tokens times gcum's NORM_K)."""
     C: gl.constexpr = 64
     BV: gl.constexpr = 64
     NVB: gl.constexpr = V // BV
@@ -722,6 +745,8 @@ def _map_kernel_t(
         # X^T = V^T - (K S)^T e^G (V = 0 in M's columns), its pair in registers
         mbarrier.wait(bar_v, c & 1, pred=has_v)
         v = v_smem.permute((1, 0)).load(acc_l).to(gl.float32)
+        if L2NORM:
+            v = v * _field(gcum_ptr, b, t0, t_end, i_h, s_cb, s_ct, s_ch, ct, NORM_K, C)[None, :]
         v = gl.where(is_m, 0.0, v)  # M's programs never fill v's buffer: a select, its contents unused
         x = v - ks * gl.exp2(g_hi_c)[None, :]
         x_hi, x_lo = _hi_lo(x, PACKED_SPLIT)
@@ -770,16 +795,17 @@ PROGRAMS_PER_SM = 2
 
 
 def may_run(q: torch.Tensor, v: torch.Tensor, use_qk_l2norm: bool) -> bool:
-    """Whether these kernels cover these inputs (before the layout checks of `supported`)."""
+    """Whether these kernels cover these inputs (before the layout checks of `supported`); with
+    or without the in-kernel L2 norm (folded: module doc)."""
     return (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0) and q.dtype == torch.bfloat16
-            and not use_qk_l2norm and q.shape[3] == 128 and v.shape[3] % BLOCK_V == 0)
+            and q.shape[3] == 128 and v.shape[3] % BLOCK_V == 0)
 
 
 def supported(q: torch.Tensor, v: torch.Tensor, rec: dict) -> bool:
     """Whether these kernels cover the launch `rec` (chunk.launch_config's recurrence dict, TMA
     already decided) on q's device."""
-    return (may_run(q, v, rec["L2NORM"]) and rec["K_EXACT"] and rec["T_SPLIT"] and rec["TMA"] and rec["TMA_T"]
-            and rec["BK"] == 128 and rec["BV"] == BLOCK_V)
+    return (may_run(q, v, rec["L2NORM"]) and (rec["K_EXACT"] or rec["L2NORM"]) and rec["T_SPLIT"] and rec["TMA"]
+            and rec["TMA_T"] and rec["BK"] == 128 and rec["BV"] == BLOCK_V)
 
 
 @functools.lru_cache(maxsize=None)
@@ -804,38 +830,41 @@ def descriptors(q, k, v, tinv) -> tuple:
 
 def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps: int, hv: int, group: int,
              packed_split: bool = True, descs=None, warm=None, sites=None, device_index: int = 0,
-             transposed: bool = False):
+             transposed: bool = False, l2norm: bool = False):
     """The affine state map (M, D) of each partition in `maps` but the last of a sequence:
     map_d [maps, HV, K, V], map_m [maps, HV, K, K] are written. `descs`: `descriptors(q, k,
     v, tinv)` when the caller has them. `warm`: chunk._warm_start_kernel's table, or None
     (every map in full). `sites`: the call layout's compiled kernels (`launch.launch`).
-    `transposed`: `_map_kernel_t` (the same maps, bitwise) instead of `_recurrence_kernel`."""
+    `transposed`: `_map_kernel_t` (the same maps, bitwise) instead of `_recurrence_kernel`.
+    `l2norm`: the in-kernel L2 norm, folded (gcum's four fields, module doc)."""
     dk, dv = q.shape[3], v.shape[3]
     if transposed:
         launch(sites, "map pass", _map_kernel_t, (num_maps * hv * (dv // BLOCK_V + dk // BLOCK_V),), (
             *(descs or descriptors(q, k, v, tinv))[1:], gcum, map_d, map_m, maps, warm, *gcum.stride()[:3],
             q.shape[1]), dict(HV=hv, GROUP=group, K=dk, V=dv, PACKED_SPLIT=packed_split, WARM=warm is not None,
-                              num_warps=NUM_WARPS), device_index)
+                              L2NORM=l2norm, num_warps=NUM_WARPS), device_index)
         return
     launch(sites, "map pass", _recurrence_kernel, (num_maps * hv * (dv // BLOCK_V + dk // BLOCK_V),), (
         *(descs or descriptors(q, k, v, tinv)), gcum, None, None, None, map_d, map_m, maps, warm, *gcum.stride()[:3],
         0, 0, 0, 1.0, q.shape[1], None), dict(
         HV=hv, GROUP=group, K=dk, V=dv, MAP=True, HAS_STATE_IN=False, PARTITIONED=True, STORE_FINAL=False,
-        PACKED_SPLIT=packed_split, WARM=warm is not None, num_warps=NUM_WARPS), device_index)
+        PACKED_SPLIT=packed_split, WARM=warm is not None, L2NORM=l2norm, num_warps=NUM_WARPS), device_index)
 
 
 def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts: int, partitioned: bool, scale: float,
                 hv: int, group: int, packed_split: bool = True, descs=None, split_qs: bool = True,
                 may_be_empty: bool = False, sites=None, device_index: int = 0, site: str = "output pass",
-                transposed: bool = False, o_desc=None, wide_ks: bool = True):
+                transposed: bool = False, o_desc=None, wide_ks: bool = True, l2norm: bool = False):
     """Launch over `num_parts` partitions (rows of `parts`); o and final are written. `descs`:
     `descriptors(q, k, v, tinv)` when the caller has them. `may_be_empty`: rows of no chunk
     may come (they store their start state as the final one). `sites`, `site`: the call
     layout's compiled kernels and this launch's name in them (`launch.launch`). `transposed`:
     `_output_kernel_t` instead of `_recurrence_kernel`. `o_desc`: `descriptor(o, BLOCK_V)` to
-    store o's full chunks by TMA (`_recurrence_kernel`'s O_TMA), or None."""
+    store o's full chunks by TMA (`_recurrence_kernel`'s O_TMA), or None. `l2norm`: the in-kernel
+    L2 norm, folded (module doc; `_recurrence_kernel` only: the transposed pass, an option that
+    is off, does not take it)."""
     dk, dv = q.shape[3], v.shape[3]
-    if transposed:
+    if transposed and not l2norm:
         launch(sites, site, _output_kernel_t, (num_parts * hv * (dv // BLOCK_V),), (
             *(descs or descriptors(q, k, v, tinv)), gcum, o, state_in, final, parts, *gcum.stride()[:3],
             *o.stride()[:3], scale, q.shape[1]), dict(
@@ -848,4 +877,4 @@ def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts: int, 
         *o.stride()[:3], scale, q.shape[1], o_desc), dict(
         HV=hv, GROUP=group, K=dk, V=dv, MAP=False, HAS_STATE_IN=state_in is not None, PARTITIONED=partitioned,
         STORE_FINAL=final is not None, PACKED_SPLIT=packed_split, SPLIT_QS=split_qs, MAY_BE_EMPTY=may_be_empty,
-        O_TMA=o_desc is not None, WIDE_KS=wide_ks, num_warps=NUM_WARPS), device_index)
+        O_TMA=o_desc is not None, WIDE_KS=wide_ks, L2NORM=l2norm, num_warps=NUM_WARPS), device_index)

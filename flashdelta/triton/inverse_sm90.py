@@ -17,8 +17,9 @@ against the Triton kernel; ncu: the shared-memory / L1 pipe at 80% of its peak (
 A program runs several chunks in turn (v5.7): the next chunk's k arrives in a second tile and
 its g, beta in registers while the current one is solved (inverse -6 to -13% on the H100).
 
-Scope: as `chunk_sm90.supported` (bf16 k without the in-kernel L2 norm, K = 128, T_u as a
-bf16 pair, TMA-readable k). The results are the Triton kernel's up to the order of the sums
+Scope: as `chunk_sm90.supported` (bf16 k, K = 128, T_u as a bf16 pair, TMA-readable k).
+With the in-kernel L2 norm (L2NORM) nothing is normalised: the norms are folded into beta,
+v and o (`chunk_sm90` module doc), and this kernel computes them. The results are the Triton kernel's up to the order of the sums
 inside the products (checked on the GPU against it and the fp64 oracle).
 """
 
@@ -33,7 +34,8 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from .chunk_sm90 import _hi_lo, _issue
+from ..reference.common import L2NORM_EPS as L2NORM_EPS_
+from .chunk_sm90 import NORM_K, NORM_Q, _hi_lo, _issue
 from .launch import launch
 
 LOG2E = gl.constexpr(1.4426950408889634)
@@ -68,6 +70,8 @@ OUT_SMEM = gl.constexpr(gl.SwizzledSharedLayout(8, 1, 8, [1, 0]))  # [64, 64] bf
 # the same placement as TMA's 128-byte swizzle (16-byte chunk c of row r at c ^ (r % 8)): T_u by TMA
 OUT_TMA = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16))
 OUT = gl.constexpr(gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0]))  # 16 bytes per thread, a row per 8 threads
+QROWS = gl.constexpr(gl.BlockedLayout([1, 32], [16, 2], [4, 1], [1, 0]))  # [64, 64] of q or k: half a row per thread
+L2NORM_EPS = gl.constexpr(L2NORM_EPS_)
 
 
 @gluon.jit
@@ -175,11 +179,36 @@ def _chunk_inputs(g_ptr, beta_ptr, b, t0, n, i_h, s_gb, s_gt, s_gh, s_bb, s_bt, 
 
 
 @gluon.jit
+def _row_squares(x_ptr, b, t0, n, head, s_xb, s_xt, s_xh, K: gl.constexpr):
+    """|x_t|^2 of the chunk's rows of x [B, T, heads, K] (unit inner stride) at `head` ([64] in
+    QROWS' rows; 0 past n). Plain loads, 64 columns at a time (16 registers each)."""
+    rows = gl.arange(0, 64, layout=gl.SliceLayout(1, QROWS))
+    cols = gl.arange(0, 64, layout=gl.SliceLayout(0, QROWS))
+    base = x_ptr + b * s_xb + (t0 + rows.to(gl.int64))[:, None] * s_xt + head * s_xh + cols[None, :]
+    squares = gl.zeros([64], gl.float32, gl.SliceLayout(1, QROWS))
+    for half in gl.static_range(K // 64):
+        x = gl.load(base + half * 64, mask=(rows < n)[:, None], other=0.0).to(gl.float32)
+        squares += gl.sum(x * x, axis=1)
+    return squares
+
+
+@gluon.jit
+def _tile_row_squares(tile, K: gl.constexpr):
+    """|x_t|^2 of the rows of a [64, K] bf16 tile in shared memory ([64] in QROWS' rows)."""
+    squares = gl.zeros([64], gl.float32, gl.SliceLayout(1, QROWS))
+    for half in gl.static_range(K // 64):
+        x = tile.slice(half * 64, 64, dim=1).load(QROWS).to(gl.float32)
+        squares += gl.sum(x * x, axis=1)
+    return squares
+
+
+@gluon.jit
 def _inverse_kernel(
     k_desc, g_ptr, beta_ptr, t_ptr, gcum_ptr, chunk_ptr, bound_ptr,
     s_gb, s_gt, s_gh, s_bb, s_bt, s_bh, s_tb, s_tt, s_th, s_cb, s_ct, s_ch, s_ub, s_ut, s_uh, t_total, t_desc,
-    num_chunks, per_program,
+    num_chunks, per_program, q_ptr, s_qb, s_qt, s_qh,
     GROUP: gl.constexpr, K: gl.constexpr, DECAY_BOUND: gl.constexpr, T_TMA: gl.constexpr = False,
+    L2NORM: gl.constexpr = False,
 ):
     """Grid (cdiv(num_chunks, per_program), value heads): program i runs chunk rows
     i * per_program .. (i + 1) * per_program - 1 (rows (b, t0, n) at chunk_ptr) in turn, each
@@ -189,7 +218,14 @@ def _inverse_kernel(
     gates' prefix sums G log2 e as fp32 hi + lo at gcum_ptr [B, T, HV, 2], and with DECAY_BOUND
     the log2 bound on the chunk's map norm at bound_ptr[b, t0, h] (as `chunk._inverse_kernel`).
     Rows past n are not written. T_TMA: a full chunk's T_u leaves by TMA (t_desc: T_u as
-    [B * T, 2 HV * 64], [64, 64] tiles, the output pass's), a ragged one in rows."""
+    [B * T, 2 HV * 64], [64, 64] tiles, the output pass's), a ragged one in rows.
+    L2NORM (gcum [B, T, HV, 4]; q_ptr: q [B, T, H, K] with unit inner stride): beta is taken as
+    beta / (|k|^2 + eps), and gcum's fields NORM_K, NORM_Q get sqrt(|k|^2 + eps) and
+    1 / sqrt(|q|^2 + eps), the factors of v and o in the passes (`chunk_sm90` module doc). The
+    norms are summed at the top of the chunk, where few registers are live (from the gram's
+    diagonal they spilled 40 B more offline): k's from its tile in shared memory, q's from plain
+    loads by the first value head of each group, for all of them (H100, v5.8: k's from plain
+    loads too took 5-8% more of this kernel)."""
     i_h = gl.program_id(1)
     first = gl.program_id(0) * per_program
     count = gl.minimum(per_program, num_chunks - first)
@@ -233,6 +269,18 @@ def _inverse_kernel(
         # the gates while k is in flight: G = prefix sums of g in fp64 (differences of large sums
         # stay exact under strong decay), in log2 units (every gate one exp2 of a difference);
         # beta by row and by column from shared memory
+        if L2NORM:
+            rows = gl.arange(0, 64, layout=gl.SliceLayout(1, QROWS))
+            norms = gcum_ptr + b * s_cb + (t0 + rows.to(gl.int64)) * s_ct + i_h * s_ch
+            # k's from its tile (issued during the last chunk: the wait moves up, it is rarely long)
+            mbarrier.wait(bar.index(buf), (j // 2) & 1)
+            n2 = _tile_row_squares(k_cur, K) + L2NORM_EPS
+            gl.store(norms + NORM_K, gl.sqrt_rn(n2), mask=rows < n)
+            beta = beta / gl.convert_layout(n2, GATE)  # the normalised keys' beta (module doc)
+            if i_h % GROUP == 0:  # (one program per key head: the group's value heads get the same)
+                r_q = 1.0 / gl.sqrt_rn(_row_squares(q_ptr, b, t0, n, i_h // GROUP, s_qb, s_qt, s_qh, K) + L2NORM_EPS)
+                for member in gl.static_range(GROUP):
+                    gl.store(norms + member * s_ch + NORM_Q, r_q, mask=rows < n)
         g = g_in.to(gl.float64)
         beta_smem.store(beta)
         G = gl.associative_scan(g, 0, _add) * LOG2E
@@ -264,6 +312,7 @@ def _inverse_kernel(
                                           s_gb, s_gt, s_gh, s_bb, s_bt, s_bh, rg)
         if DECAY_BOUND:
             # one token's map is e^{g_t} (I - beta_t k_t k_t^T), of norm e^{g_t} max(1, |1 - beta_t |k_t|^2|)
+            # (with L2NORM: beta_t / n_t^2 on the raw k_t, the normalised token's map)
             norm2 = gl.sum(gl.where(row3 == c3, gram, 0.0), axis=2)
             growth = gl.log2(gl.maximum(gl.abs(1.0 - beta_r * norm2), 1.0))
             bound = (gl.sum(g, 0) * LOG2E).to(gl.float32) + gl.sum(gl.sum(growth, 1), 0)
@@ -366,16 +415,18 @@ def chunks_per_program(num_chunks: int, hv: int, slots: int, limit: int) -> int:
 
 
 def inverse(k, g, beta, tinv, gcum, chunks, num_chunks: int, bound, hv: int, group: int, decay_bound: bool,
-            k_desc, sites=None, device_index: int = 0, t_desc=None, per_program: int = 1):
+            k_desc, sites=None, device_index: int = 0, t_desc=None, per_program: int = 1, q=None):
     """Launch over `num_chunks` chunk rows (chunk._plan's `chunks`) and the value heads: tinv
     [B, T, 2 HV, 64] (bf16 pair), gcum [B, T, HV, 2] and, with `decay_bound`, bound [B, T, HV]
     are written. k_desc: `chunk_sm90.descriptor(k, K)`. `sites`: the call layout's compiled
     kernels (`launch.launch`). t_desc: `chunk_sm90.descriptor(tinv, 64)` to store full chunks'
-    T_u by TMA, or None. per_program: chunk rows per program (`chunks_per_program`)."""
+    T_u by TMA, or None. per_program: chunk rows per program (`chunks_per_program`). q: with the
+    in-kernel L2 norm (gcum then [B, T, HV, 4]: `_inverse_kernel`'s L2NORM), else None."""
     per_program = max(1, int(per_program))
+    q_args = (q, *q.stride()[:3]) if q is not None else (None, 0, 0, 0)
     launch(sites, "inverse", _inverse_kernel, (triton.cdiv(num_chunks, per_program), hv), (
         k_desc, g, beta, tinv, gcum, chunks, bound, *g.stride(), *beta.stride(), *tinv.stride()[:3],
-        *gcum.stride()[:3], *bound.stride()[:3], k.shape[1], t_desc, num_chunks, per_program), dict(
-        GROUP=group, K=k.shape[3], DECAY_BOUND=decay_bound, T_TMA=t_desc is not None, num_warps=NUM_WARPS,
-        maxnreg=MAX_REGISTERS),
+        *gcum.stride()[:3], *bound.stride()[:3], k.shape[1], t_desc, num_chunks, per_program, *q_args), dict(
+        GROUP=group, K=k.shape[3], DECAY_BOUND=decay_bound, T_TMA=t_desc is not None, L2NORM=q is not None,
+        num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS),
         device_index)

@@ -448,6 +448,76 @@ def test_gluon_inverse(kind, seq_len, t_tma):
         assert rel_l2(o, o_ref) <= 4e-3 and rel_l2(s, s_ref) <= 1e-3, (rel_l2(o, o_ref), rel_l2(s, s_ref))
 
 
+def _raw_norms(case, seed: int):
+    """The case with q's and k's rows scaled by 10^U(-2, 2), 2% of them exactly zero, and
+    use_qk_l2norm_in_kernel: the op's normalisation gives back the kind's directions (near-
+    identical keys stay near-identical), over four decades of norms and through eps."""
+    gen = torch.Generator().manual_seed(seed)
+    scaled = []
+    for x in (case.q, case.k):
+        rows = x.shape[:3]
+        factor = 10.0 ** (4.0 * torch.rand(*rows, generator=gen) - 2.0)
+        factor[torch.rand(*rows, generator=gen) < 0.02] = 0.0
+        scaled.append((x.float() * factor[..., None].to(x.device)).to(x.dtype))
+    kwargs = dict(case.kwargs, use_qk_l2norm_in_kernel=True)
+    return type(case)(case.name + "/l2norm", scaled[0], scaled[1], case.v, case.g, case.beta, kwargs)
+
+
+@pytest.mark.skipif(not _hopper(), reason="the Gluon passes are sm_90 only")
+@pytest.mark.parametrize("kind", ["random", "near_identical_keys", "cyclic_keys", "strong_decay", "zero_decay",
+                                  "beta_0_2", "large_initial_state", "varlen"])
+@pytest.mark.parametrize("seq_len, partition_chunks", [(130, None), (130, 1), (1000, 3)])
+def test_gluon_folded_l2norm(kind, seq_len, partition_chunks, monkeypatch):
+    """use_qk_l2norm_in_kernel on the Gluon path: the norms folded into beta, v and o
+    (chunk_sm90 module doc), the raw bf16 q and k the products' exact operands. Raw rows over four
+    decades of norms and some zero: the exactness goal against the fp64 oracle (which
+    normalises in fp64), no worse than the Triton passes (which normalise in fp32 and split
+    the products with k) nor than FLA where installed (which rounds the normalised q, k to
+    bf16), deterministic, outputs poisoned first; the folded kernels ran, with a group of two
+    value heads per key head (q's norms are stored for both by one program)."""
+    from flashdelta.triton import chunk as tc
+    from flashdelta.triton import chunk_sm90, inverse_sm90
+
+    calls = []
+    for module, name in ((inverse_sm90, "inverse"), (chunk_sm90, "output_pass"), (chunk_sm90, "map_pass")):
+        def counted(*args, _fn=getattr(module, name), _name=name, **kwargs):
+            calls.append((_name, kwargs.get("q") is not None if _name == "inverse" else kwargs.get("l2norm")))
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
+    case = _raw_norms(make_case(kind, torch.bfloat16, "cuda", seed=17, seq_len=seq_len, heads=2, value_heads=4,
+                                dk=128), seed=seq_len)
+    q, k, v, g, beta = case.args()
+    kw = case.kwargs
+    n_seqs = len(kw["cu_seqlens"]) - 1 if "cu_seqlens" in kw else q.shape[0]
+
+    def run(gluon):
+        monkeypatch.setitem(tc.TUNING, "gluon_sm90", gluon)
+        o = torch.full_like(v, float("nan"))
+        s = torch.full((n_seqs, v.shape[2], 128, 128), float("nan"), device="cuda")
+        return chunk_gated_delta_rule_fwd(q, k, v, g, beta, 128 ** -0.5, kw.get("initial_state"), True,
+                                          kw.get("cu_seqlens"), True, partition_chunks=partition_chunks,
+                                          out=o, final_state_out=s)
+
+    o_g, s_g = run(True)
+    o_g2, s_g2 = run(True)
+    assert calls and all(folded for _, folded in calls), calls
+    assert {name for name, _ in calls} >= {"inverse", "output_pass"}
+    del calls[:]
+    o_t, s_t = run(False)
+    assert not calls  # (the Triton passes: nothing folded)
+    o_ref, s_ref = oracle(case)
+    assert torch.equal(o_g, o_g2) and torch.equal(s_g, s_g2)
+    err_o, err_s = rel_l2(o_g, o_ref), rel_l2(s_g, s_ref)
+    assert err_o <= 4e-3 and err_s <= 1e-3, (err_o, err_s)
+    assert err_o <= max(rel_l2(o_t, o_ref) * 1.05, 1.8e-3), (err_o, rel_l2(o_t, o_ref))
+    assert err_s <= max(rel_l2(s_t, s_ref) * 1.05, 1e-5), (err_s, rel_l2(s_t, s_ref))
+    fla = _fla()
+    if fla is not None:
+        o_f, s_f = fla(*case.args(), output_final_state=True, **kw)
+        assert err_o <= max(rel_l2(o_f, o_ref), 1.7e-3) * 1.05
+        assert err_s <= max(rel_l2(s_f, s_ref), 1e-6) * 1.05 or err_s <= 1e-5
+
+
 class _CountedKernel:
     """A compiled kernel whose launcher counts its direct launches (`launch.launch`)."""
 
