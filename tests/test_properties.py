@@ -27,3 +27,28 @@ def test_chunk_equals_recurrent(batch, seq_len, heads, group, dk, dv, decay, wit
     o1, s1 = fd.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
     o2, s2 = fd.fused_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
     assert rel_l2(o1, o2) <= 1e-5 and rel_l2(s1, s2) <= 1e-5
+
+
+def test_l2norm_folds_into_beta_v_and_o():
+    """The identity the Gluon prefill uses for `use_qk_l2norm_in_kernel` (chunk_sm90 module doc):
+    with n = sqrt(|k|^2 + eps), the normalised run equals the raw-key run with beta / n^2 and v n,
+    its outputs divided by sqrt(|q|^2 + eps); in fp64, keys of norms over four decades and zeros."""
+    from flashdelta.reference.common import L2NORM_EPS
+    from flashdelta.reference.recurrent import recurrent_gated_delta_rule
+
+    gen = torch.Generator().manual_seed(21)
+    b, t, h, hv, dk, dv = 2, 150, 2, 4, 16, 8
+    q = torch.randn(b, t, h, dk, generator=gen, dtype=torch.float64)
+    k = torch.randn(b, t, h, dk, generator=gen, dtype=torch.float64)
+    k = k * 10.0 ** (4 * torch.rand(b, t, h, 1, generator=gen, dtype=torch.float64) - 2)
+    k[:, ::37] = 0.0
+    q[:, ::41] = 0.0
+    v = torch.randn(b, t, hv, dv, generator=gen, dtype=torch.float64)
+    g = -torch.rand(b, t, hv, generator=gen, dtype=torch.float64)
+    beta = 2 * torch.rand(b, t, hv, generator=gen, dtype=torch.float64)
+    h0 = torch.randn(b, hv, dk, dv, generator=gen, dtype=torch.float64)
+    o_ref, s_ref = recurrent_gated_delta_rule(q, k, v, g, beta, 0.25, h0, True, use_qk_l2norm=True)
+    n2 = ((k * k).sum(-1) + L2NORM_EPS).repeat_interleave(hv // h, dim=2)  # per value head
+    r_q = ((q * q).sum(-1) + L2NORM_EPS).rsqrt().repeat_interleave(hv // h, dim=2)
+    o, s = recurrent_gated_delta_rule(q, k, v * n2.sqrt()[..., None], g, beta / n2, 0.25, h0, True)
+    assert rel_l2(o * r_q[..., None], o_ref) < 1e-13 and rel_l2(s, s_ref) < 1e-13
