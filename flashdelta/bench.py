@@ -135,9 +135,11 @@ def gpu_shapes(suite: str, quick: bool) -> list[Shape]:
         for name, lens in (("1x4K", [4096]), ("1x8K", [8192])):
             prefill.append(Shape("prefill", name, lens, 16, 16, gate=gate, graph=True))
     # models call the op with raw q, k and the in-kernel L2 norm (Qwen3-Next, Qwen3.5)
-    for name, lens, h, hv in rows[2:4] + rows[5:]:
-        prefill.append(Shape("prefill", name, lens, h, hv, l2norm=True))
-    prefill.append(Shape("prefill", "varlen 64K/8", _mixed_lengths(65536, 8), 16, 32, varlen=True, l2norm=True))
+    for gate in ("strong", "weak"):
+        for name, lens, h, hv in rows[2:4] + rows[5:]:
+            prefill.append(Shape("prefill", name, lens, h, hv, gate=gate, l2norm=True))
+        prefill.append(Shape("prefill", "varlen 64K/8", _mixed_lengths(65536, 8), 16, 32, gate=gate, varlen=True,
+                             l2norm=True))
     for graph in (False, True):
         for batch in (1, 16, 64, 256):
             decode.append(Shape("decode", f"B={batch} T=1", [1] * batch, 16, 32, graph=graph))

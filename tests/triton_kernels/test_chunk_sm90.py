@@ -141,15 +141,19 @@ def test_inverse_binds_its_arguments(monkeypatch, decay_bound, t_tma, per_progra
     assert (a["GROUP"], a["K"], a["DECAY_BOUND"]) == (2, 128, decay_bound)
 
 
-@pytest.mark.parametrize("partition_chunks, out", [(1, None), (None, None), (None, "misaligned")])
-def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, device):
+@pytest.mark.parametrize("partition_chunks, out, l2norm", [(1, None, False), (None, None, False),
+                                                          (None, "misaligned", False), (1, None, True)])
+def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, l2norm, device):
     """With the Gluon passes taken (forced here, wherever the test runs), the prefill hands them the
     inverse's T_u pair and gate sums, the maps' buffers and the chain's starts, and o's TMA
-    descriptor where TMA can write o (not into a caller's `out` 2 bytes off 16-byte alignment)."""
+    descriptor where TMA can write o (not into a caller's `out` 2 bytes off 16-byte alignment).
+    With the in-kernel L2 norm, every Gluon kernel is told to fold it: the inverse gets q, and the
+    gate sums get the norms' two fields (chunk_sm90 module doc)."""
     calls = {}
 
     def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps, hv, group, packed_split, descs, warm,
-                 sites=None, device_index=0, transposed=False):
+                 sites=None, device_index=0, transposed=False, l2norm=False):
+        calls["map_l2norm"] = l2norm
         calls["map_descs"] = descs
         calls["map_transposed"] = transposed
         calls["warm"] = None if warm is None else warm.shape
@@ -160,8 +164,9 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, 
 
     def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts, partitioned, scale, hv, group,
                     packed_split, descs, split_qs, may_be_empty=False, sites=None, device_index=0, site=None,
-                    transposed=False, o_desc=None, wide_ks=True):
+                    transposed=False, o_desc=None, wide_ks=True, l2norm=False):
         assert site == "output pass" and transposed is False
+        calls["out_l2norm"] = l2norm
         calls["out_descs"] = descs
         calls["o_desc"] = o_desc
         calls["split_qs"] = split_qs
@@ -174,7 +179,8 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, 
         final.zero_()
 
     def inverse(k, g, beta, tinv, gcum, chunks, num_chunks, bound, hv, group, decay_bound, k_desc, sites=None,
-                device_index=0, t_desc=None, per_program=1):
+                device_index=0, t_desc=None, per_program=1, q=None):
+        calls["inverse_q"] = q
         # the Triton inverse on the same buffers, so that what reads them downstream runs as it would
         calls["inverse"] = dict(tinv=(tinv.shape, tinv.dtype), gcum=gcum.shape, chunks=chunks.shape,
                                 num_chunks=num_chunks, hv=hv, group=group, decay_bound=decay_bound,
@@ -194,12 +200,15 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, 
     q, k, v, g, beta = case.args()
     if out == "misaligned":
         out = torch.empty(v.numel() + 1, dtype=v.dtype, device=device)[1:].view(v.shape)
-    o, _ = tc.chunk_gated_delta_rule_fwd(q, k, v, g, beta, 0.125, None, True, partition_chunks=partition_chunks,
-                                         out=out)
+    o, _ = tc.chunk_gated_delta_rule_fwd(q, k, v, g, beta, 0.125, None, True, None, l2norm,
+                                         partition_chunks=partition_chunks, out=out)
+    fields = 4 if l2norm else 2  # (G's hi and lo; with the norm also n_k, 1 / |q|)
+    assert calls["out_l2norm"] is l2norm and calls.get("map_l2norm", l2norm) is l2norm
+    assert calls["inverse_q"] is (q if l2norm else None)
     assert out is None or o is out
     bsz, t_len = q.shape[:2]
     if partition_chunks == 1:  # 4 chunks: 4 partitions, 3 maps, the chain's 4 starts
-        assert calls["map"] == dict(gcum=(bsz, t_len, 4, 2), tinv=((bsz, t_len, 8, 64), torch.bfloat16),
+        assert calls["map"] == dict(gcum=(bsz, t_len, 4, fields), tinv=((bsz, t_len, 8, 64), torch.bfloat16),
                                     map_d=(3 * bsz, 4, 128, 128), map_m=(3 * bsz, 4, 128, 128),
                                     maps=(3 * bsz, 6), num_maps=3 * bsz, hv=4, group=2)
         # the warm-start table (skip_negligible_maps): per map row and value head
@@ -217,7 +226,7 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, 
     if partition_chunks:
         assert calls["map_transposed"] is tc.TUNING["gluon_map_transposed"]
     # the gates' prefix sums head-major: a chunk's (hi, lo) pairs of one head are contiguous
-    assert calls["gcum_strides"] == (4 * t_len * 2, 2, t_len * 2, 1)
+    assert calls["gcum_strides"] == (4 * t_len * fields, fields, t_len * fields, 1)
     # o's descriptor for the TMA stores (on by default; o is the prefill's own, TMA-readable)
     if tc.TUNING["gluon_o_tma"] and out is None:
         o_desc = calls["o_desc"]
@@ -236,7 +245,7 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, 
         assert inv["k_desc"] is descs[1] and inv["tinv"] == ((bsz, t_len, 8, 64), torch.bfloat16)
         # full chunks' T_u by TMA through T_u's descriptor (on by default)
         assert inv["t_desc"] is (descs[3] if tc.TUNING["gluon_inverse_tma"] else None)
-        assert inv["gcum"] == (bsz, t_len, 4, 2) and (inv["hv"], inv["group"]) == (4, 2)
+        assert inv["gcum"] == (bsz, t_len, 4, fields) and (inv["hv"], inv["group"]) == (4, 2)
         assert inv["num_chunks"] == bsz * 4 and inv["chunks"][0] >= inv["num_chunks"]
         # chunks per program: as many as keep four programs per SM, at most the tuning's limit
         assert inv["per_program"] == inverse_sm90.chunks_per_program(bsz * 4, 4, tc.inverse_slots(q.device),
