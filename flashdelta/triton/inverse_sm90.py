@@ -19,7 +19,8 @@ its g, beta in registers while the current one is solved (inverse -6 to -13% on 
 
 Scope: as `chunk_sm90.supported` (bf16 k, K = 128, T_u as a bf16 pair, TMA-readable k).
 With the in-kernel L2 norm (L2NORM) nothing is normalised: the norms are folded into beta,
-v and o (`chunk_sm90` module doc), and this kernel computes them. The results are the Triton kernel's up to the order of the sums
+v and o (`chunk_sm90` module doc), and this kernel computes them. The results are the
+Triton kernel's up to the order of the sums
 inside the products (checked on the GPU against it and the fp64 oracle).
 """
 
@@ -70,7 +71,7 @@ OUT_SMEM = gl.constexpr(gl.SwizzledSharedLayout(8, 1, 8, [1, 0]))  # [64, 64] bf
 # the same placement as TMA's 128-byte swizzle (16-byte chunk c of row r at c ^ (r % 8)): T_u by TMA
 OUT_TMA = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16))
 OUT = gl.constexpr(gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0]))  # 16 bytes per thread, a row per 8 threads
-QROWS = gl.constexpr(gl.BlockedLayout([1, 32], [16, 2], [4, 1], [1, 0]))  # [64, 64] of q or k: half a row per thread
+QROWS = gl.constexpr(gl.BlockedLayout([1, 32], [16, 2], [4, 1], [1, 0]))  # [64, 64] of q or k: 32 columns of a row per thread
 L2NORM_EPS = gl.constexpr(L2NORM_EPS_)
 
 
