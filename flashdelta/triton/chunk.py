@@ -708,7 +708,7 @@ TUNING = {
     "fused_accumulate": True,
     # the map and output passes in Gluon (chunk_sm90.py: the next chunk's tiles fetched during
     # this one, asynchronous wgmma, shared memory placed by hand, descriptors kept out of the
-    # registers) where they cover the launch (sm_90, bf16, K = 128, no in-kernel L2 norm).
+    # registers) where they cover the launch (sm_90, bf16, K = 128; the in-kernel L2 norm folded).
     # Bitwise equal to the Triton passes; H100: output pass -32 to -35%, map pass -3 to -7%, calls
     # -15 to -24% (NOTES.md v4.7)
     "gluon_sm90": True,
@@ -1054,7 +1054,7 @@ def _setup(q, k, v, seqs: tuple, use_qk_l2norm: bool, partition_chunks: int | No
     nvb, nkb = cdiv(dv, bv), cdiv(dk, bv)
     chunk_counts = [cdiv(e - s, CHUNK_SIZE) for _, s, e in seqs]
     longest = max(chunk_counts + [1])
-    sm90 = TUNING["gluon_sm90"] and chunk_sm90 is not None and chunk_sm90.may_run(q, v, use_qk_l2norm)
+    sm90 = TUNING["gluon_sm90"] and chunk_sm90 is not None and chunk_sm90.may_run(q, v)
     per_sm_rule = chunk_sm90.PROGRAMS_PER_SM if sm90 else 2
     lead = TUNING["lead_partition"]  # None: the model decides; True / False forces (A/B checks, tests)
     # "adaptive" (or None with the skip on): the GPU picks the lead plan or its empty-lead form

@@ -794,8 +794,8 @@ def _map_kernel_t(
 PROGRAMS_PER_SM = 2
 
 
-def may_run(q: torch.Tensor, v: torch.Tensor, use_qk_l2norm: bool) -> bool:
-    """Whether these kernels cover these inputs (before the layout checks of `supported`); with
+def may_run(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether these kernels cover these inputs (before the layout checks of `supported`), with
     or without the in-kernel L2 norm (folded: module doc)."""
     return (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0) and q.dtype == torch.bfloat16
             and q.shape[3] == 128 and v.shape[3] % BLOCK_V == 0)
@@ -804,7 +804,8 @@ def may_run(q: torch.Tensor, v: torch.Tensor, use_qk_l2norm: bool) -> bool:
 def supported(q: torch.Tensor, v: torch.Tensor, rec: dict) -> bool:
     """Whether these kernels cover the launch `rec` (chunk.launch_config's recurrence dict, TMA
     already decided) on q's device."""
-    return (may_run(q, v, rec["L2NORM"]) and (rec["K_EXACT"] or rec["L2NORM"]) and rec["T_SPLIT"] and rec["TMA"]
+    # (K_EXACT is off with the in-kernel L2 norm: here k stays the raw, exact bf16 operand)
+    return (may_run(q, v) and (rec["K_EXACT"] or rec["L2NORM"]) and rec["T_SPLIT"] and rec["TMA"]
             and rec["TMA_T"] and rec["BK"] == 128 and rec["BV"] == BLOCK_V)
 
 

@@ -447,7 +447,7 @@ def test_chain_in_registers_only_where_timed():
 
 def test_gluon_sm90_scoped(monkeypatch, device):
     """The Gluon map and output passes (on by default) are only taken on sm_90 with bf16,
-    K = 128 and no in-kernel L2 norm: elsewhere (here: fp32, K = 32, or the CPU) the Triton
+    K = 128 (the in-kernel L2 norm folded, chunk_sm90): elsewhere (here: fp32, K = 32, or the CPU) the Triton
     passes run, and switching the knob off changes nothing there. Partitioned, so the map
     pass is in play."""
     from flashdelta.triton import chunk as tc
@@ -456,7 +456,7 @@ def test_gluon_sm90_scoped(monkeypatch, device):
     case = make_case("random", torch.float32, device, seed=3, seq_len=130, dk=32)
     q, k, v, g, beta = case.args()
     if tc.chunk_sm90 is not None:
-        assert not tc.chunk_sm90.may_run(q, v, False)
+        assert not tc.chunk_sm90.may_run(q, v)
         for name in ("output_pass", "map_pass"):
             monkeypatch.setattr(tc.chunk_sm90, name, lambda *a, **k: pytest.fail("Gluon pass on the CPU"))
     on = chunk_gated_delta_rule_fwd(q, k, v, g, beta, 32**-0.5, None, True, partition_chunks=1)

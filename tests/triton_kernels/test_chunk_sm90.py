@@ -191,7 +191,7 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, 
                                              *beta.stride(), *tinv.stride()[:3], *gcum.stride()[:3],
                                              *bound.stride()[:3], DECAY_BOUND=decay_bound, **cfg)
 
-    monkeypatch.setattr(chunk_sm90, "may_run", lambda q, v, l2: True)
+    monkeypatch.setattr(chunk_sm90, "may_run", lambda q, v: True)
     monkeypatch.setattr(chunk_sm90, "supported", lambda q, v, rec: True)
     monkeypatch.setattr(inverse_sm90, "inverse", inverse)
     monkeypatch.setattr(chunk_sm90, "map_pass", map_pass)
