@@ -10,6 +10,7 @@ every launch fits in shared memory; it also reads resources before spending GPU 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -96,34 +97,45 @@ def prefill_kernels(dtype, dim: int, arch: int = 90):
     yield "chain", compile_kernel(tc._chain_kernel, ptrs, dict(cfg["chain"], HAS_H0=True), arch)
 
 
-def sm90_kernels(arch: int = 90):
-    """The Gluon kernels (chunk_sm90.py, inverse_sm90.py: bf16, K = 128), as a launch specialises them."""
+def compile_gluon(fn, constexprs: dict, common: bool = True, arch: int = 90, **options):
+    """A Gluon kernel of chunk_sm90.py / inverse_sm90.py (bf16, K = 128) compiled as a launch
+    specialises it: `constexprs` beside the defaults (GROUP 2, K 128; with `common`, the
+    recurrence passes' HV, V and TUNING's choices); other arguments as a launch types them."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from . import chunk_sm90 as g
-    from . import inverse_sm90 as inv
 
     tile = lambda cols: f"tensordesc<bf16[{g.CHUNK_SIZE},{cols}],{gl.NVMMASharedLayout.get_default_for([g.CHUNK_SIZE, cols], gl.bfloat16)!r}>"  # noqa: E731,E501
+    signature = {"q_desc": tile(128), "k_desc": tile(128), "v_desc": tile(g.BLOCK_V),
+                 "t_desc": tile(g.CHUNK_SIZE), "gcum_ptr": "*fp32", "o_ptr": "*bf16", "state_in_ptr": "*fp32",
+                 "state_out_ptr": "*fp32", "map_d_ptr": "*fp32", "map_m_ptr": "*fp32", "part_ptr": "*i32",
+                 "warm_ptr": "*i32", "scale": "fp32", "g_ptr": "*fp32", "beta_ptr": "*fp32", "t_ptr": "*bf16",
+                 "chunk_ptr": "*i32", "bound_ptr": "*fp32", "o_desc": tile(g.BLOCK_V), "q_ptr": "*bf16"}
+    signature = {n: t for n, t in signature.items() if n in fn.arg_names}
+    if common:  # the recurrence passes' constants
+        constexprs = dict(HV=32, V=128, PARTITIONED=True, PACKED_SPLIT=tc.TUNING["gluon_packed_split"],
+                          SPLIT_QS=tc.TUNING["gluon_split_qs"], **constexprs)
+    constexprs = dict(GROUP=2, K=128, **constexprs)
+    # constexpr parameters left out take their defaults, as at a launch (typed i32 they would
+    # compile their branches at run time)
+    constexprs.update({p.name: p.default for p in fn.params
+                       if p.is_constexpr and p.has_default and p.name not in constexprs})
+    signature.update({n: "constexpr" for n in constexprs})
+    signature.update({n: "i32" for n in fn.arg_names if n not in signature})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if signature[n].startswith("*") or n.startswith("s_")}
+    src = GluonASTSource(fn=fn, signature=signature,
+                         constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=g.NUM_WARPS, **options))
 
-    def compile_gluon(fn, constexprs, common=True, **options):
-        signature = {"q_desc": tile(128), "k_desc": tile(128), "v_desc": tile(g.BLOCK_V),
-                     "t_desc": tile(g.CHUNK_SIZE), "gcum_ptr": "*fp32", "o_ptr": "*bf16", "state_in_ptr": "*fp32",
-                     "state_out_ptr": "*fp32", "map_d_ptr": "*fp32", "map_m_ptr": "*fp32", "part_ptr": "*i32",
-                     "warm_ptr": "*i32", "scale": "fp32", "g_ptr": "*fp32", "beta_ptr": "*fp32", "t_ptr": "*bf16",
-                     "chunk_ptr": "*i32", "bound_ptr": "*fp32", "o_desc": tile(g.BLOCK_V), "q_ptr": "*bf16"}
-        signature = {n: t for n, t in signature.items() if n in fn.arg_names}
-        if common:  # the recurrence passes' constants
-            constexprs = dict(HV=32, V=128, PARTITIONED=True, PACKED_SPLIT=tc.TUNING["gluon_packed_split"],
-                              SPLIT_QS=tc.TUNING["gluon_split_qs"], **constexprs)
-        constexprs = dict(GROUP=2, K=128, **constexprs)
-        signature.update({n: "constexpr" for n in constexprs})
-        signature.update({n: "i32" for n in fn.arg_names if n not in signature})
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-                 if signature[n].startswith("*") or n.startswith("s_")}
-        src = GluonASTSource(fn=fn, signature=signature,
-                             constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
-        return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=g.NUM_WARPS, **options))
+
+def sm90_kernels(arch: int = 90):
+    """The Gluon kernels (chunk_sm90.py, inverse_sm90.py: bf16, K = 128), as a launch specialises them."""
+    from . import chunk_sm90 as g
+    from . import inverse_sm90 as inv
+
+    build = functools.partial(compile_gluon, arch=arch)
 
     for name, mode in (("gluon output pass", dict(MAP=False, HAS_STATE_IN=True, STORE_FINAL=True, WARM=False,
                                                   MAY_BE_EMPTY=False)),
@@ -137,24 +149,26 @@ def sm90_kernels(arch: int = 90):
         mode["WIDE_KS"] = not mode["MAP"] and tc.TUNING["gluon_wide_ks"]
         if not mode["O_TMA"]:  # launched with o_desc None
             mode["o_desc"] = None
-        yield name, compile_gluon(g._recurrence_kernel, mode)
+        yield name, build(g._recurrence_kernel, mode)
         if name != "gluon map pass":  # with the in-kernel L2 norm, folded (the map pass: the transposed one below)
-            yield name + ", l2norm", compile_gluon(g._recurrence_kernel, dict(mode, L2NORM=True))
+            yield name + ", l2norm", build(g._recurrence_kernel, dict(
+                mode, L2NORM=True, Q_NORMS=tc.TUNING["gluon_q_norms"] == "output"))
     # the output pass on transposed tiles (TUNING["gluon_transposed"], off by default)
-    yield "gluon transposed output pass", compile_gluon(g._output_kernel_t, dict(
+    yield "gluon transposed output pass", build(g._output_kernel_t, dict(
         HAS_STATE_IN=True, STORE_FINAL=True, MAY_BE_EMPTY=False))
     warm = tc.TUNING["skip_negligible_maps"]
     for suffix, l2norm in (("", False), (", l2norm", True)):
-        yield "gluon transposed map pass" + suffix, compile_gluon(g._map_kernel_t, dict(
+        yield "gluon transposed map pass" + suffix, build(g._map_kernel_t, dict(
             HV=32, V=128, PACKED_SPLIT=tc.TUNING["gluon_packed_split"], WARM=warm, L2NORM=l2norm,
             **({} if warm else {"warm_ptr": None})), common=False)
     # the inverse (inverse_sm90.py), with and without the map-norm bounds
     for name, bound, l2norm in (("gluon inverse", False, False), ("gluon inverse, map bounds", True, False),
                                 ("gluon inverse, map bounds, l2norm", True, True)):
         t_tma = tc.TUNING["gluon_inverse_tma"]
-        yield name, compile_gluon(inv._inverse_kernel, dict(DECAY_BOUND=bound, T_TMA=t_tma, L2NORM=l2norm,
-                                                            **({} if t_tma else {"t_desc": None}),
-                                                            **({} if l2norm else {"q_ptr": None})), common=False,
+        q_norms = l2norm and tc.TUNING["gluon_q_norms"] == "inverse"
+        yield name, build(inv._inverse_kernel, dict(DECAY_BOUND=bound, T_TMA=t_tma, L2NORM=l2norm, Q_NORMS=q_norms,
+                                                    **({} if t_tma else {"t_desc": None}),
+                                                    **({} if q_norms else {"q_ptr": None})), common=False,
                                   maxnreg=inv.MAX_REGISTERS)
 
 

@@ -740,6 +740,11 @@ TUNING = {
     # 2e-7 of the Triton kernel's). H100: inverse -35 to -38%, kernels per call -7 to -12%
     # (NOTES.md v5.3); False: the Triton inverse (A/B checks)
     "gluon_inverse": True,
+    # where the folded L2 norm's 1 / |q_t| is summed: "output", the output and lead passes from
+    # the q tile they hold (q read from HBM once), or "inverse", plain loads there (v5.8). H100,
+    # with the norm: inverse 0.71 -> 0.52 ms, output pass 1.37 -> 1.45, kernels -1 to -5% at
+    # 1x32K, 8x4K, 1x128K (NOTES.md v5.9)
+    "gluon_q_norms": "output",
     # the Gluon inverse stores full chunks' T_u by TMA (inverse_sm90 T_TMA; NOTES.md v5.4)
     "gluon_inverse_tma": True,
     # chunks each Gluon inverse program runs in turn, the next one's k and gates loaded during
@@ -1138,8 +1143,10 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
         tinv = torch.empty(bsz, t_len, hv, CHUNK_SIZE, dtype=torch.float32, device=device)
     # [B, T, HV, 2] stored head-major: a chunk's 64 (hi, lo) pairs of one head are 512
     # contiguous bytes, not 64 lines (H100: inverse -8 to -13%, output pass -1 to -3%; NOTES.md v5.5).
-    # The Gluon passes' folded L2 norm adds two fields: k's and q's norms (chunk_sm90 module doc)
+    # The Gluon passes' folded L2 norm adds two fields: k's and q's norms (chunk_sm90 module doc;
+    # q's are written only where the inverse sums them, TUNING["gluon_q_norms"])
     fold = gluon and bool(use_qk_l2norm)
+    q_norms_out = fold and TUNING["gluon_q_norms"] == "output"
     gcum = torch.empty(bsz, hv, t_len, 4 if fold else 2, dtype=torch.float32, device=device).transpose(1, 2)
     # the chunks' map-norm bounds (at each chunk's first token) and the warm-start table
     warm = plan["num_maps"] > 0 and TUNING["skip_negligible_maps"]
@@ -1160,7 +1167,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
                              t_desc=gluon_descs[3] if TUNING["gluon_inverse_tma"] else None,
                              per_program=inverse_sm90.chunks_per_program(
                                  plan["num_chunks"], hv, inverse_slots(device), TUNING["inverse_chunks_per_program"]),
-                             q=q if fold else None)
+                             l2norm=fold, q=q if fold and not q_norms_out else None)
     else:
         run("inverse", _inverse_kernel, (plan["num_chunks"], hv),
             k, g, beta, tinv, gcum, plan["chunks"], bound, *k.stride(), *g.stride(), *beta.stride(),
@@ -1203,7 +1210,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
                 chunk_sm90.output_pass(q, k, v, gcum, tinv, o, h0, starts, leads, plan["num_leads"], True,
                                        scale, hv, group, split_qs=TUNING["gluon_split_qs"], may_be_empty=adaptive,
                                        site="lead pass", transposed=TUNING["gluon_transposed"], o_desc=o_desc,
-                                       wide_ks=TUNING["gluon_wide_ks"], **gluon_kw)
+                                       wide_ks=TUNING["gluon_wide_ks"], q_norms=q_norms_out, **gluon_kw)
             else:
                 run("lead pass", _recurrence_kernel, (plan["num_leads"] * hv * nvb,),
                     *tiles, h0, starts, None, None, leads, None, *strides, scale, t_len,
@@ -1229,7 +1236,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
         chunk_sm90.output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, plan["num_parts"],
                                partitioned, scale, hv, group, split_qs=TUNING["gluon_split_qs"], site="output pass",
                                transposed=TUNING["gluon_transposed"], o_desc=o_desc,
-                               wide_ks=TUNING["gluon_wide_ks"], **gluon_kw)
+                               wide_ks=TUNING["gluon_wide_ks"], q_norms=q_norms_out, **gluon_kw)
         return o, final
     run("output pass", _recurrence_kernel, (plan["num_parts"] * hv * nvb,),
         *tiles, state_in, final, None, None, parts, None, *strides, scale, t_len,

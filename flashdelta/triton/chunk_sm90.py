@@ -24,9 +24,11 @@ The in-kernel L2 norm (L2NORM) is folded, not applied: with n_t = sqrt(|k_t|^2 +
 normalised token's update e^g (I - beta k^ k^T) S + beta k^ v^T (k^ = k / n) is exactly
 e^g (I - b' k k^T) S + b' k (n v)^T with b' = beta / n^2, and o_t = S^T q_t / sqrt(|q_t|^2 + eps).
 So the products take the raw bf16 q and k (exact operands, no normalised copy rounded to bf16
-as the peers make), the inverse takes b' (and computes both norms, inverse_sm90), v's rows are
-scaled by n_t and o's by 1 / |q_t|: two more [64] loads per step. gcum then holds four fields
-per token and head: G's hi and lo, n_t (NORM_K) and 1 / |q_t| (NORM_Q).
+as the peers make), the inverse takes b' (and computes n_t, inverse_sm90), v's rows are scaled
+by n_t (one more [64] load per step) and o's by 1 / |q_t|, which the output pass sums from the
+q tile it holds anyway (Q_NORMS: q is read from HBM once; TUNING["gluon_q_norms"]). gcum then
+holds four fields per token and head: G's hi and lo, n_t (NORM_K) and, where the inverse sums
+q's norms instead, 1 / |q_t| (NORM_Q).
 Gluon kernels do not run in the interpreter: CI compiles them for sm_90 (tests check their
 resources); their numbers are tested on the GPU against the Triton kernel and the fp64 oracle.
 
@@ -50,6 +52,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from ..reference.common import L2NORM_EPS as L2NORM_EPS_
 from .common import HI_LO_BF16X2
 from .launch import launch
 
@@ -57,6 +60,7 @@ CHUNK_SIZE = 64
 BLOCK_V = 64
 NORM_K = gl.constexpr(2)  # gcum's fields with the in-kernel L2 norm: sqrt(|k|^2 + eps), then 1 / sqrt(|q|^2 + eps)
 NORM_Q = gl.constexpr(3)
+L2NORM_EPS = gl.constexpr(L2NORM_EPS_)
 NUM_WARPS = 4  # one warpgroup: [64, 64] wgmma tiles, two programs per SM
 
 
@@ -126,6 +130,17 @@ def _field(gcum_ptr, b, t0, t_end, i_h, s_cb, s_ct, s_ch, idx, FIELD: gl.constex
 
 
 @gluon.jit
+def _q_norms(q_smem, layout: gl.constexpr, K: gl.constexpr):
+    """1 / sqrt(|q_t|^2 + eps) of the rows of q's [64, K] bf16 tile in shared memory ([64] in
+    the rows of `layout`, 64 columns at a time)."""
+    squares = gl.zeros([64], gl.float32, gl.SliceLayout(1, layout))
+    for half in gl.static_range(K // 64):
+        x = q_smem.slice(half * 64, 64, dim=1).load(layout).to(gl.float32)
+        squares += gl.sum(x * x, axis=1)
+    return 1.0 / gl.sqrt_rn(squares + L2NORM_EPS)
+
+
+@gluon.jit
 def _recurrence_kernel(
     q_desc, k_desc, v_desc, t_desc, gcum_ptr, o_ptr, state_in_ptr, state_out_ptr, map_d_ptr, map_m_ptr, part_ptr,
     warm_ptr, s_cb, s_ct, s_ch, s_ob, s_ot, s_oh, scale, t_total, o_desc,
@@ -133,7 +148,7 @@ def _recurrence_kernel(
     HAS_STATE_IN: gl.constexpr, PARTITIONED: gl.constexpr, STORE_FINAL: gl.constexpr,
     PACKED_SPLIT: gl.constexpr = True, SPLIT_QS: gl.constexpr = True, WARM: gl.constexpr = False,
     MAY_BE_EMPTY: gl.constexpr = False, O_TMA: gl.constexpr = False, WIDE_KS: gl.constexpr = False,
-    L2NORM: gl.constexpr = False,
+    L2NORM: gl.constexpr = False, Q_NORMS: gl.constexpr = False,
 ):
     """Grid (partitions x HV x V / 64), or (maps x HV x (V / 64 + K / 64)) when MAP (column
     blocks past V / 64 are M's), flattened with the row slowest. q/k/v_desc: [B * T, heads * dim]
@@ -148,7 +163,8 @@ def _recurrence_kernel(
     WIDE_KS: the state's pair is held side by side and K S is one 128-column product K [S_hi |
     S_lo] whose halves are summed in registers: k's tile is read once, not twice (the passes are
     bound by the shared-memory pipe; NOTES.md v5.5). L2NORM: the norms folded (module doc): v's
-    rows times gcum's NORM_K, o's times NORM_Q."""
+    rows times gcum's NORM_K, o's times 1 / |q_t|: summed from q's tile with Q_NORMS (while the
+    state's and o's products run; the next q is fetched after it: v5.9), else gcum's NORM_Q."""
     C: gl.constexpr = 64
     BV: gl.constexpr = 64
     NVB: gl.constexpr = V // BV
@@ -362,8 +378,9 @@ def _recurrence_kernel(
         else:
             # o = scale (e^G (Q S) + (Q K^T o L) U): the pair of A = Q K^T o L in registers
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
-            gl.thread_barrier()  # q is read: fetch the next chunk's
-            _issue(q_desc, row + C, col_k, bar_q, q_smem, more)
+            if not Q_NORMS:  # (else q's tile is read once more below)
+                gl.thread_barrier()  # q is read: fetch the next chunk's
+                _issue(q_desc, row + C, col_k, bar_q, q_smem, more)
             diff = (g_hi[:, None] - g_hi_c[None, :]) + (g_lo[:, None] - g_lo_c[None, :])
             a = qk * gl.exp2(gl.where(rt[:, None] >= ct[None, :], diff, float("-inf")))
             a_hi, a_lo = _hi_lo(a, PACKED_SPLIT)
@@ -377,12 +394,17 @@ def _recurrence_kernel(
             o = warpgroup_mma(a_hi, uh_smem, qs * gl.exp2(g_hi)[:, None], is_async=True)
             o = warpgroup_mma(a_lo, uh_smem, o, is_async=True)
             o = warpgroup_mma(a_hi, ul_smem, o, is_async=True)
+            if L2NORM:
+                if Q_NORMS:  # 1 / |q_t| from q's tile while the products run (NOTES.md v5.9)
+                    r_q = _q_norms(q_smem, acc_l, K)
             state = warpgroup_mma_wait(num_outstanding=3, deps=(state,))
             s_hi, s_lo = _hi_lo(state, PACKED_SPLIT)
             # (A's registers are operands until the products are done: kept alive through the wait)
             o, a_hi, a_lo = warpgroup_mma_wait(num_outstanding=0, deps=(o, a_hi, a_lo))
             if L2NORM:
-                o = o * _field(gcum_ptr, b, t0, t_end, i_h, s_cb, s_ct, s_ch, rt, NORM_Q, C)[:, None]
+                if not Q_NORMS:
+                    r_q = _field(gcum_ptr, b, t0, t_end, i_h, s_cb, s_ct, s_ch, rt, NORM_Q, C)
+                o = o * r_q[:, None]
             o_out = (o * scale).to(o_ptr.dtype.element_ty)
             o_base = o_ptr + b * s_ob + t0 * s_ot + i_h * s_oh + c0
             if O_TMA:  # full chunks by TMA (a ragged last chunk's would write the next sequence's rows)
@@ -393,6 +415,9 @@ def _recurrence_kernel(
             else:
                 gl.store(o_base + (rt * s_ot)[:, None] + ct[None, :], o_out, mask=(rt < n)[:, None])
         gl.thread_barrier()  # the state pair's rows are read: the next state's pair replaces them
+        if not MAP:
+            if Q_NORMS:  # (q's tile is read: fetch the next chunk's)
+                _issue(q_desc, row + C, col_k, bar_q, q_smem, more)
         sh_smem.store(s_hi)
         sl_smem.store(s_lo)
         fence_async_shared()
@@ -855,7 +880,8 @@ def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps: int, hv: int, gr
 def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts: int, partitioned: bool, scale: float,
                 hv: int, group: int, packed_split: bool = True, descs=None, split_qs: bool = True,
                 may_be_empty: bool = False, sites=None, device_index: int = 0, site: str = "output pass",
-                transposed: bool = False, o_desc=None, wide_ks: bool = True, l2norm: bool = False):
+                transposed: bool = False, o_desc=None, wide_ks: bool = True, l2norm: bool = False,
+                q_norms: bool = False):
     """Launch over `num_parts` partitions (rows of `parts`); o and final are written. `descs`:
     `descriptors(q, k, v, tinv)` when the caller has them. `may_be_empty`: rows of no chunk
     may come (they store their start state as the final one). `sites`, `site`: the call
@@ -863,7 +889,8 @@ def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts: int, 
     `_output_kernel_t` instead of `_recurrence_kernel`. `o_desc`: `descriptor(o, BLOCK_V)` to
     store o's full chunks by TMA (`_recurrence_kernel`'s O_TMA), or None. `l2norm`: the in-kernel
     L2 norm, folded (module doc; `_recurrence_kernel` only: the transposed pass, an option that
-    is off, does not take it)."""
+    is off, does not take it); with `q_norms` this pass sums 1 / |q_t| itself (Q_NORMS), else
+    it reads gcum's NORM_Q, which the inverse then writes."""
     dk, dv = q.shape[3], v.shape[3]
     if transposed and not l2norm:
         launch(sites, site, _output_kernel_t, (num_parts * hv * (dv // BLOCK_V),), (
@@ -878,4 +905,5 @@ def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts: int, 
         *o.stride()[:3], scale, q.shape[1], o_desc), dict(
         HV=hv, GROUP=group, K=dk, V=dv, MAP=False, HAS_STATE_IN=state_in is not None, PARTITIONED=partitioned,
         STORE_FINAL=final is not None, PACKED_SPLIT=packed_split, SPLIT_QS=split_qs, MAY_BE_EMPTY=may_be_empty,
-        O_TMA=o_desc is not None, WIDE_KS=wide_ks, L2NORM=l2norm, num_warps=NUM_WARPS), device_index)
+        O_TMA=o_desc is not None, WIDE_KS=wide_ks, L2NORM=l2norm, Q_NORMS=l2norm and q_norms, num_warps=NUM_WARPS),
+        device_index)

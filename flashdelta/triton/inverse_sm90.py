@@ -209,7 +209,7 @@ def _inverse_kernel(
     s_gb, s_gt, s_gh, s_bb, s_bt, s_bh, s_tb, s_tt, s_th, s_cb, s_ct, s_ch, s_ub, s_ut, s_uh, t_total, t_desc,
     num_chunks, per_program, q_ptr, s_qb, s_qt, s_qh,
     GROUP: gl.constexpr, K: gl.constexpr, DECAY_BOUND: gl.constexpr, T_TMA: gl.constexpr = False,
-    L2NORM: gl.constexpr = False,
+    L2NORM: gl.constexpr = False, Q_NORMS: gl.constexpr = False,
 ):
     """Grid (cdiv(num_chunks, per_program), value heads): program i runs chunk rows
     i * per_program .. (i + 1) * per_program - 1 (rows (b, t0, n) at chunk_ptr) in turn, each
@@ -220,13 +220,14 @@ def _inverse_kernel(
     the log2 bound on the chunk's map norm at bound_ptr[b, t0, h] (as `chunk._inverse_kernel`).
     Rows past n are not written. T_TMA: a full chunk's T_u leaves by TMA (t_desc: T_u as
     [B * T, 2 HV * 64], [64, 64] tiles, the output pass's), a ragged one in rows.
-    L2NORM (gcum [B, T, HV, 4]; q_ptr: q [B, T, H, K] with unit inner stride): beta is taken as
-    beta / (|k|^2 + eps), and gcum's fields NORM_K, NORM_Q get sqrt(|k|^2 + eps) and
-    1 / sqrt(|q|^2 + eps), the factors of v and o in the passes (`chunk_sm90` module doc). The
-    norms are summed at the top of the chunk, where few registers are live (from the gram's
-    diagonal they spilled 40 B more offline): k's from its tile in shared memory, q's from plain
-    loads by the first value head of each group, for all of them (H100, v5.8: k's from plain
-    loads too took 5-8% more of this kernel)."""
+    L2NORM (gcum [B, T, HV, 4]): beta is taken as beta / (|k|^2 + eps), and gcum's field NORM_K
+    gets sqrt(|k|^2 + eps), v's factor in the passes (`chunk_sm90` module doc). With Q_NORMS
+    (q_ptr: q [B, T, H, K] with unit inner stride) field NORM_Q gets 1 / sqrt(|q|^2 + eps),
+    o's factor, too (by default the output pass sums those from its q tile: v5.9). The norms
+    are summed at the top of the chunk, where few registers are live (from the gram's diagonal
+    they spilled 40 B more offline): k's from its tile in shared memory, q's from plain loads by
+    the first value head of each group, for all of them (H100, v5.8: k's from plain loads too
+    took 5-8% more of this kernel; q's loads took the kernel from 0.47 to 0.70 ms at 1x128K)."""
     i_h = gl.program_id(1)
     first = gl.program_id(0) * per_program
     count = gl.minimum(per_program, num_chunks - first)
@@ -278,7 +279,7 @@ def _inverse_kernel(
             n2 = _tile_row_squares(k_cur, K) + L2NORM_EPS
             gl.store(norms + NORM_K, gl.sqrt_rn(n2), mask=rows < n)
             beta = beta / gl.convert_layout(n2, GATE)  # the normalised keys' beta (module doc)
-            if i_h % GROUP == 0:  # (one program per key head: the group's value heads get the same)
+            if Q_NORMS and i_h % GROUP == 0:  # (one program per key head: the group's value heads get the same)
                 r_q = 1.0 / gl.sqrt_rn(_row_squares(q_ptr, b, t0, n, i_h // GROUP, s_qb, s_qt, s_qh, K) + L2NORM_EPS)
                 for member in gl.static_range(GROUP):
                     gl.store(norms + member * s_ch + NORM_Q, r_q, mask=rows < n)
@@ -416,18 +417,21 @@ def chunks_per_program(num_chunks: int, hv: int, slots: int, limit: int) -> int:
 
 
 def inverse(k, g, beta, tinv, gcum, chunks, num_chunks: int, bound, hv: int, group: int, decay_bound: bool,
-            k_desc, sites=None, device_index: int = 0, t_desc=None, per_program: int = 1, q=None):
+            k_desc, sites=None, device_index: int = 0, t_desc=None, per_program: int = 1, l2norm: bool = False,
+            q=None):
     """Launch over `num_chunks` chunk rows (chunk._plan's `chunks`) and the value heads: tinv
     [B, T, 2 HV, 64] (bf16 pair), gcum [B, T, HV, 2] and, with `decay_bound`, bound [B, T, HV]
     are written. k_desc: `chunk_sm90.descriptor(k, K)`. `sites`: the call layout's compiled
     kernels (`launch.launch`). t_desc: `chunk_sm90.descriptor(tinv, 64)` to store full chunks'
-    T_u by TMA, or None. per_program: chunk rows per program (`chunks_per_program`). q: with the
-    in-kernel L2 norm (gcum then [B, T, HV, 4]: `_inverse_kernel`'s L2NORM), else None."""
+    T_u by TMA, or None. per_program: chunk rows per program (`chunks_per_program`). l2norm:
+    the in-kernel L2 norm, folded (gcum then [B, T, HV, 4]: `_inverse_kernel`'s L2NORM); q:
+    with it, where this kernel also sums q's norms (Q_NORMS), else None."""
     per_program = max(1, int(per_program))
     q_args = (q, *q.stride()[:3]) if q is not None else (None, 0, 0, 0)
     launch(sites, "inverse", _inverse_kernel, (triton.cdiv(num_chunks, per_program), hv), (
         k_desc, g, beta, tinv, gcum, chunks, bound, *g.stride(), *beta.stride(), *tinv.stride()[:3],
         *gcum.stride()[:3], *bound.stride()[:3], k.shape[1], t_desc, num_chunks, per_program, *q_args), dict(
-        GROUP=group, K=k.shape[3], DECAY_BOUND=decay_bound, T_TMA=t_desc is not None, L2NORM=q is not None,
+        GROUP=group, K=k.shape[3], DECAY_BOUND=decay_bound, T_TMA=t_desc is not None, L2NORM=l2norm,
+        Q_NORMS=q is not None,
         num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS),
         device_index)

@@ -142,13 +142,16 @@ def test_inverse_binds_its_arguments(monkeypatch, decay_bound, t_tma, per_progra
 
 
 @pytest.mark.parametrize("partition_chunks, out, l2norm", [(1, None, False), (None, None, False),
-                                                          (None, "misaligned", False), (1, None, True)])
+                                                          (None, "misaligned", False), (1, None, "output"),
+                                                          (1, None, "inverse")])
 def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, l2norm, device):
     """With the Gluon passes taken (forced here, wherever the test runs), the prefill hands them the
     inverse's T_u pair and gate sums, the maps' buffers and the chain's starts, and o's TMA
     descriptor where TMA can write o (not into a caller's `out` 2 bytes off 16-byte alignment).
-    With the in-kernel L2 norm, every Gluon kernel is told to fold it: the inverse gets q, and the
-    gate sums get the norms' two fields (chunk_sm90 module doc)."""
+    With the in-kernel L2 norm (`l2norm`: where q's norms are summed, TUNING["gluon_q_norms"]),
+    every Gluon kernel is told to fold it, and the gate sums get the norms' two fields
+    (chunk_sm90 module doc); q's norms come from the output and lead passes' q tiles, or from
+    the inverse, which then gets q."""
     calls = {}
 
     def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps, hv, group, packed_split, descs, warm,
@@ -164,9 +167,10 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, 
 
     def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts, partitioned, scale, hv, group,
                     packed_split, descs, split_qs, may_be_empty=False, sites=None, device_index=0, site=None,
-                    transposed=False, o_desc=None, wide_ks=True, l2norm=False):
+                    transposed=False, o_desc=None, wide_ks=True, l2norm=False, q_norms=False):
         assert site == "output pass" and transposed is False
         calls["out_l2norm"] = l2norm
+        calls["out_q_norms"] = q_norms
         calls["out_descs"] = descs
         calls["o_desc"] = o_desc
         calls["split_qs"] = split_qs
@@ -179,7 +183,8 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, 
         final.zero_()
 
     def inverse(k, g, beta, tinv, gcum, chunks, num_chunks, bound, hv, group, decay_bound, k_desc, sites=None,
-                device_index=0, t_desc=None, per_program=1, q=None):
+                device_index=0, t_desc=None, per_program=1, l2norm=False, q=None):
+        calls["inverse_l2norm"] = l2norm
         calls["inverse_q"] = q
         # the Triton inverse on the same buffers, so that what reads them downstream runs as it would
         calls["inverse"] = dict(tinv=(tinv.shape, tinv.dtype), gcum=gcum.shape, chunks=chunks.shape,
@@ -193,6 +198,8 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, 
 
     monkeypatch.setattr(chunk_sm90, "may_run", lambda q, v: True)
     monkeypatch.setattr(chunk_sm90, "supported", lambda q, v, rec: True)
+    if l2norm:
+        monkeypatch.setitem(tc.TUNING, "gluon_q_norms", l2norm)
     monkeypatch.setattr(inverse_sm90, "inverse", inverse)
     monkeypatch.setattr(chunk_sm90, "map_pass", map_pass)
     monkeypatch.setattr(chunk_sm90, "output_pass", output_pass)
@@ -200,11 +207,14 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, 
     q, k, v, g, beta = case.args()
     if out == "misaligned":
         out = torch.empty(v.numel() + 1, dtype=v.dtype, device=device)[1:].view(v.shape)
-    o, _ = tc.chunk_gated_delta_rule_fwd(q, k, v, g, beta, 0.125, None, True, None, l2norm,
+    o, _ = tc.chunk_gated_delta_rule_fwd(q, k, v, g, beta, 0.125, None, True, None, bool(l2norm),
                                          partition_chunks=partition_chunks, out=out)
     fields = 4 if l2norm else 2  # (G's hi and lo; with the norm also n_k, 1 / |q|)
-    assert calls["out_l2norm"] is l2norm and calls.get("map_l2norm", l2norm) is l2norm
-    assert calls["inverse_q"] is (q if l2norm else None)
+    fold = bool(l2norm)
+    assert calls["out_l2norm"] is fold and calls.get("map_l2norm", fold) is fold
+    assert calls["inverse_l2norm"] is fold
+    assert calls["inverse_q"] is (q if l2norm == "inverse" else None)
+    assert calls["out_q_norms"] is (l2norm == "output")
     assert out is None or o is out
     bsz, t_len = q.shape[:2]
     if partition_chunks == 1:  # 4 chunks: 4 partitions, 3 maps, the chain's 4 starts

@@ -65,9 +65,11 @@ def test_gluon_passes_fit_two_per_sm_without_hoisted_descriptors():
         assert rows["gluon transposed map pass"]["stack"] == 0, rows
         assert rows["gluon transposed map pass, l2norm"]["stack"] == 0, rows  # (241 registers)
         # 56-64 B in v4.8; 80 B since v4.9 (gates as exp2: -136 instructions, the same time on the H100);
-        # the folded L2 norm's two [64] loads per step add none (56 / 72 B either way, v5.8)
+        # 48 / 56 B (output / lead) in v5.9. The folded L2 norm: n_k's [64] load per step, and
+        # 1 / |q_t| summed from q's tile while the last products run (v5.9): 56 / 56 B (summed
+        # right after Q K^T: 64 / 64 B; loaded from gcum: 56 / 72 B)
         for name in ("gluon output pass", "gluon lead pass"):
-            assert rows[name]["stack"] <= 96 and rows[name + ", l2norm"]["stack"] <= rows[name]["stack"], rows
+            assert rows[name]["stack"] <= 96 and rows[name + ", l2norm"]["stack"] <= rows[name]["stack"] + 8, rows
         # the transposed output pass (off by default) holds its pairs as register operands: 224 B
         # in v5.2, 16 B since v5.6 re-reads its column gates from shared memory (NOTES.md)
         assert rows["gluon transposed output pass"]["stack"] <= 64, rows
@@ -78,6 +80,7 @@ def test_gluon_inverse_fits_four_per_sm():
     SM: four fit (v5.3: 107 and 127 registers, 42 KB; v5.7's chunk loop: 128 registers under its
     maxnreg cap, without spill, 54 KB with k's second tile). Its own products are mma.sync, its
     gram one wgmma."""
+    from flashdelta.triton import chunk as tc
     from flashdelta.triton import inverse_sm90
 
     assert inverse_sm90.NUM_WARPS == 4
@@ -95,6 +98,7 @@ def test_gluon_inverse_fits_four_per_sm():
         assert 4 * (r["shared"] + 1024) <= 233472, r
         assert r["wgmma"] > 0 and r["ptx"] > 0, r
         if "registers" in r:  # 4 warps x 4 programs x 128 = 65536
-            # with the folded L2 norm (v5.8), q's and k's row sums at the top of the chunk: 16 B of
-            # spill (k's from the gram's diagonal: 80 B)
-            assert r["registers"] <= 128 and r["stack"] <= (16 if "l2norm" in name else 0), r
+            # with the folded L2 norm (v5.8), k's row sums at the top of the chunk: no spill; with
+            # q's there too (TUNING["gluon_q_norms"] "inverse"), 16 B (k's from the gram's diagonal: 80 B)
+            q_norms = "l2norm" in name and tc.TUNING["gluon_q_norms"] == "inverse"
+            assert r["registers"] <= 128 and r["stack"] <= (16 if q_norms else 0), r

@@ -467,21 +467,29 @@ def _raw_norms(case, seed: int):
 @pytest.mark.parametrize("kind", ["random", "near_identical_keys", "cyclic_keys", "strong_decay", "zero_decay",
                                   "beta_0_2", "large_initial_state", "varlen"])
 @pytest.mark.parametrize("seq_len, partition_chunks", [(130, None), (130, 1), (1000, 3)])
-def test_gluon_folded_l2norm(kind, seq_len, partition_chunks, monkeypatch):
+@pytest.mark.parametrize("q_norms", ["output", "inverse"])
+def test_gluon_folded_l2norm(kind, seq_len, partition_chunks, q_norms, monkeypatch):
     """use_qk_l2norm_in_kernel on the Gluon path: the norms folded into beta, v and o
     (chunk_sm90 module doc), the raw bf16 q and k the products' exact operands. Raw rows over four
     decades of norms and some zero: the exactness goal against the fp64 oracle (which
     normalises in fp64), no worse than the Triton passes (which normalise in fp32 and split
     the products with k) nor than FLA where installed (which rounds the normalised q, k to
     bf16), deterministic, outputs poisoned first; the folded kernels ran, with a group of two
-    value heads per key head (q's norms are stored for both by one program)."""
+    value heads per key head. q's norms summed where `q_norms` says (TUNING["gluon_q_norms"]): by
+    the output and lead passes from their q tiles, or by the inverse (stored for both value heads
+    by one program)."""
     from flashdelta.triton import chunk as tc
     from flashdelta.triton import chunk_sm90, inverse_sm90
 
+    monkeypatch.setitem(tc.TUNING, "gluon_q_norms", q_norms)
     calls = []
     for module, name in ((inverse_sm90, "inverse"), (chunk_sm90, "output_pass"), (chunk_sm90, "map_pass")):
         def counted(*args, _fn=getattr(module, name), _name=name, **kwargs):
-            calls.append((_name, kwargs.get("q") is not None if _name == "inverse" else kwargs.get("l2norm")))
+            calls.append((_name, kwargs.get("l2norm")))
+            if _name == "inverse":
+                assert (kwargs.get("q") is not None) is (q_norms == "inverse")
+            if _name == "output_pass":
+                assert kwargs.get("q_norms") is (q_norms == "output")
             return _fn(*args, **kwargs)
         monkeypatch.setattr(module, name, counted)
     case = _raw_norms(make_case(kind, torch.bfloat16, "cuda", seed=17, seq_len=seq_len, heads=2, value_heads=4,
