@@ -5,8 +5,8 @@
     (options: --dim 256, --tuning block_v=32,stages=1)
 
 Covers the inverse (in Gluon on sm_90, bf16, K = 128: the default), map, chain, output and lead passes of the prefill (partitioned varlen, with
-an initial state and a ragged last chunk, with and without the lead pass; a dense batch of two sequences in one partition
-each), the token loop, and the decode kernel on a pool
+an initial state and a ragged last chunk, with and without the lead pass, and with the in-kernel L2 norm folded;
+a dense batch of two sequences in one partition each), the token loop, and the decode kernel on a pool
 with a negative index; the first prefill and the decode step twice (the second launches the
 compiled kernels directly, launch.py). Exits non-zero if an output is not finite or the
 repeated prefill differs.
@@ -55,7 +55,14 @@ def main():
     tc.TUNING["lead_partition"] = "adaptive"
     gs = -4.0 - 8.0 * torch.rand(1, total, hv, device=dev)
     oa, sa = chunk_gated_delta_rule_fwd(q, k, v, gs, beta, d**-0.5, h0, True, cu, False, partition_chunks=1)
+    # the in-kernel L2 norm, folded (raw q, k; with the lead pass): the inverse sums k's norms, the
+    # output and lead passes q's from their q tiles (the next q fetched at the step's end)
+    tc.TUNING["lead_partition"] = True
+    kr = torch.randn(1, total, h, d, device=dev, dtype=torch.bfloat16)
+    on, sn = chunk_gated_delta_rule_fwd(q, kr, v, g, beta, d**-0.5, h0, True, cu, True, partition_chunks=1)
     tc.TUNING["lead_partition"] = lead
+    on2, sn2 = fd.fused_recurrent_gated_delta_rule(q, kr, v, g, beta, initial_state=h0, output_final_state=True,
+                                                   cu_seqlens=cu, use_qk_l2norm_in_kernel=True, backend="triton")
     oa2, sa2 = fd.fused_recurrent_gated_delta_rule(q, k, v, gs, beta, initial_state=h0, output_final_state=True,
                                                    cu_seqlens=cu, backend="triton")
     o2, s2 = fd.fused_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
@@ -79,11 +86,13 @@ def main():
     if dev == "cuda":
         torch.cuda.synchronize()
     repeat = torch.equal(o, o_again) and torch.equal(s, s_again)
-    ok = repeat and all(torch.isfinite(x).all() for x in (o, s, ol, sl, o2, s2, od, sd, od2, sd2, o3, pool, oa, sa))
+    ok = repeat and all(torch.isfinite(x).all() for x in (o, s, ol, sl, o2, s2, od, sd, od2, sd2, o3, pool, oa, sa,
+                                                          on, sn))
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
     print("outputs finite:", ok, "| repeated layout bitwise:", repeat, "| prefill vs token loop rel diff: varlen", rel(o, o2), "dense", rel(od, od2),
           "states", rel(s, s2), rel(sd, sd2), "| lead vs plain", rel(ol, o), rel(sl, s),
-          "| strong decay, adaptive vs token loop", rel(oa, oa2), rel(sa, sa2))
+          "| strong decay, adaptive vs token loop", rel(oa, oa2), rel(sa, sa2),
+          "| l2norm vs token loop", rel(on, on2), rel(sn, sn2))
     raise SystemExit(0 if ok else 1)
 
 
