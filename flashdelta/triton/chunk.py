@@ -742,8 +742,8 @@ TUNING = {
     "gluon_inverse": True,
     # where the folded L2 norm's 1 / |q_t| is summed: "output", the output and lead passes from
     # the q tile they hold (q read from HBM once), or "inverse", plain loads there (v5.8). H100,
-    # with the norm: inverse 0.71 -> 0.52 ms, output pass 1.37 -> 1.45, kernels -1 to -5% at
-    # 1x32K, 8x4K, 1x128K (NOTES.md v5.9)
+    # with the norm, 1x128K 16/16: inverse 0.70 -> 0.52 ms, output pass 1.39 -> 1.47; kernels -3
+    # to -7% (1x8K to 1x128K, 8x4K, varlen), -0.3 to -2% at 1x32K 16/32 (NOTES.md v5.9)
     "gluon_q_norms": "output",
     # the Gluon inverse stores full chunks' T_u by TMA (inverse_sm90 T_TMA; NOTES.md v5.4)
     "gluon_inverse_tma": True,
