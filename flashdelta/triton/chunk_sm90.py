@@ -130,14 +130,14 @@ def _field(gcum_ptr, b, t0, t_end, i_h, s_cb, s_ct, s_ch, idx, FIELD: gl.constex
 
 
 @gluon.jit
-def _q_norms(q_smem, layout: gl.constexpr, K: gl.constexpr):
-    """1 / sqrt(|q_t|^2 + eps) of the rows of q's [64, K] bf16 tile in shared memory ([64] in
-    the rows of `layout`, 64 columns at a time)."""
+def _tile_row_squares(tile, layout: gl.constexpr, K: gl.constexpr):
+    """|x_t|^2 of the rows of a [64, K] bf16 tile in shared memory ([64] in the rows of
+    `layout`, 64 columns at a time): the folded L2 norm's sums, here and in inverse_sm90."""
     squares = gl.zeros([64], gl.float32, gl.SliceLayout(1, layout))
     for half in gl.static_range(K // 64):
-        x = q_smem.slice(half * 64, 64, dim=1).load(layout).to(gl.float32)
+        x = tile.slice(half * 64, 64, dim=1).load(layout).to(gl.float32)
         squares += gl.sum(x * x, axis=1)
-    return 1.0 / gl.sqrt_rn(squares + L2NORM_EPS)
+    return squares
 
 
 @gluon.jit
@@ -396,7 +396,7 @@ def _recurrence_kernel(
             o = warpgroup_mma(a_hi, ul_smem, o, is_async=True)
             if L2NORM:
                 if Q_NORMS:  # 1 / |q_t| from q's tile while the products run (NOTES.md v5.9)
-                    r_q = _q_norms(q_smem, acc_l, K)
+                    r_q = 1.0 / gl.sqrt_rn(_tile_row_squares(q_smem, acc_l, K) + L2NORM_EPS)
             state = warpgroup_mma_wait(num_outstanding=3, deps=(state,))
             s_hi, s_lo = _hi_lo(state, PACKED_SPLIT)
             # (A's registers are operands until the products are done: kept alive through the wait)

@@ -35,8 +35,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from ..reference.common import L2NORM_EPS as L2NORM_EPS_
-from .chunk_sm90 import NORM_K, NORM_Q, _hi_lo, _issue
+from .chunk_sm90 import L2NORM_EPS, NORM_K, NORM_Q, _hi_lo, _issue, _tile_row_squares
 from .launch import launch
 
 LOG2E = gl.constexpr(1.4426950408889634)
@@ -72,7 +71,6 @@ OUT_SMEM = gl.constexpr(gl.SwizzledSharedLayout(8, 1, 8, [1, 0]))  # [64, 64] bf
 OUT_TMA = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16))
 OUT = gl.constexpr(gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0]))  # 16 bytes per thread, a row per 8 threads
 QROWS = gl.constexpr(gl.BlockedLayout([1, 32], [16, 2], [4, 1], [1, 0]))  # [64, 64] of q or k: 32 columns of a row per thread
-L2NORM_EPS = gl.constexpr(L2NORM_EPS_)
 
 
 @gluon.jit
@@ -194,16 +192,6 @@ def _row_squares(x_ptr, b, t0, n, head, s_xb, s_xt, s_xh, K: gl.constexpr):
 
 
 @gluon.jit
-def _tile_row_squares(tile, K: gl.constexpr):
-    """|x_t|^2 of the rows of a [64, K] bf16 tile in shared memory ([64] in QROWS' rows)."""
-    squares = gl.zeros([64], gl.float32, gl.SliceLayout(1, QROWS))
-    for half in gl.static_range(K // 64):
-        x = tile.slice(half * 64, 64, dim=1).load(QROWS).to(gl.float32)
-        squares += gl.sum(x * x, axis=1)
-    return squares
-
-
-@gluon.jit
 def _inverse_kernel(
     k_desc, g_ptr, beta_ptr, t_ptr, gcum_ptr, chunk_ptr, bound_ptr,
     s_gb, s_gt, s_gh, s_bb, s_bt, s_bh, s_tb, s_tt, s_th, s_cb, s_ct, s_ch, s_ub, s_ut, s_uh, t_total, t_desc,
@@ -276,7 +264,7 @@ def _inverse_kernel(
             norms = gcum_ptr + b * s_cb + (t0 + rows.to(gl.int64)) * s_ct + i_h * s_ch
             # k's from its tile (issued during the last chunk: the wait moves up, it is rarely long)
             mbarrier.wait(bar.index(buf), (j // 2) & 1)
-            n2 = _tile_row_squares(k_cur, K) + L2NORM_EPS
+            n2 = _tile_row_squares(k_cur, QROWS, K) + L2NORM_EPS
             gl.store(norms + NORM_K, gl.sqrt_rn(n2), mask=rows < n)
             beta = beta / gl.convert_layout(n2, GATE)  # the normalised keys' beta (module doc)
             if Q_NORMS and i_h % GROUP == 0:  # (one program per key head: the group's value heads get the same)
