@@ -369,7 +369,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="write results here (default: none)")
     p.add_argument("--plot", default=None, help="write a PNG plot here (needs matplotlib)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--shapes", default=None, help="only shapes whose label contains one of these comma-separated words")
+    p.add_argument("--shapes", default=None,
+                   help="only shapes whose label contains one of these comma-separated words; a word that "
+                        "starts with '=' names one label exactly ('=1x32K h16/16 strong', not its l2norm row)")
     p.add_argument("--no-peers", action="store_true", help="time our paths only")
     p.add_argument("--warm", action="store_true",
                    help="first call every prefill once at a small shape per head configuration (compiles; "
@@ -573,6 +575,14 @@ def warm_up(shapes: list[Shape], impls: list[Impl], device, log=None) -> float:
 CHUNK_WARM = 2048  # tokens of a warm-up sequence
 
 
+def select_shapes(shapes: list[Shape], spec: str) -> list[Shape]:
+    """The shapes `--shapes` names: comma-separated words, each a substring of "suite label",
+    or "=label" for that label alone."""
+    words = spec.split(",")
+    return [sh for sh in shapes
+            if any(sh.label == w[1:] if w.startswith("=") else w in f"{sh.suite} {sh.label}" for w in words)]
+
+
 def run_bench(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     meta = metadata(device)
@@ -589,8 +599,7 @@ def run_bench(args) -> int:
     impls += peers
     shapes = (gpu_shapes if device.type == "cuda" else cpu_shapes)(args.suite, args.quick)
     if args.shapes:
-        words = args.shapes.split(",")
-        shapes = [sh for sh in shapes if any(w in f"{sh.suite} {sh.label}" for w in words)]
+        shapes = select_shapes(shapes, args.shapes)
 
     if args.warm:
         meta["warm_up_s"] = round(warm_up(shapes, impls, device), 1)

@@ -72,3 +72,14 @@ def test_short_prefill_rows_also_timed_as_graphs():
     assert {s.label for s in graphs} == {f"{n} h16/16 {g} graph" for n in ("1x4K", "1x8K") for g in ("strong", "weak")}
     assert all(s.total_tokens <= 8192 for s in graphs)
     assert all(f"{s.name} h16/16 {s.gate}" in labels for s in graphs)  # the same row eager
+
+
+def test_select_shapes_by_word_or_exact_label():
+    """--shapes: a word picks every label containing it (the l2norm and graph rows too); "=label"
+    picks that row alone."""
+    shapes = bench.gpu_shapes("prefill", quick=False)
+    by_word = {s.label for s in bench.select_shapes(shapes, "1x32K h16/16 strong")}
+    assert by_word == {"1x32K h16/16 strong", "1x32K h16/16 strong l2norm"}
+    exact = bench.select_shapes(shapes, "=1x32K h16/16 strong,=8x4K h16/32 weak")
+    assert [s.label for s in exact] == ["1x32K h16/16 strong", "8x4K h16/32 weak"]
+    assert bench.select_shapes(shapes, "=1x32K") == []
