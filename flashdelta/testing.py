@@ -147,6 +147,21 @@ def make_case(kind: str, dtype=torch.float32, device="cpu", seed: int = 0, seq_l
     return Case(name, q, k, v, g, beta, kwargs)
 
 
+def raw_norms_case(case: Case, seed: int) -> Case:
+    """The case with q's and k's rows scaled by 10^U(-2, 2), 2% of them exactly zero, and
+    use_qk_l2norm_in_kernel: the op's normalisation gives back the kind's directions (near-
+    identical keys stay near-identical), over four decades of norms and through eps."""
+    gen = torch.Generator().manual_seed(seed)
+    scaled = []
+    for x in (case.q, case.k):
+        rows = x.shape[:3]
+        factor = 10.0 ** (4.0 * torch.rand(*rows, generator=gen) - 2.0)
+        factor[torch.rand(*rows, generator=gen) < 0.02] = 0.0
+        scaled.append((x.float() * factor[..., None].to(x.device)).to(x.dtype))
+    kwargs = dict(case.kwargs, use_qk_l2norm_in_kernel=True)
+    return Case(case.name + "/l2norm", scaled[0], scaled[1], case.v, case.g, case.beta, kwargs)
+
+
 CASE_KINDS = ("random", "l2norm_in_kernel", "near_identical_keys", "cyclic_keys", "strong_decay", "zero_decay",
               "beta_0_2", "gva_k_ne_v", "large_initial_state", "varlen")
 

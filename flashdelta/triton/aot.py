@@ -75,11 +75,23 @@ def _descriptors(dtype, rec: dict) -> dict:
     return descs
 
 
-def prefill_kernels(dtype, dim: int, arch: int = 90):
-    cfg = tc.launch_config(dtype, dim, dim, group=2, hv=32, use_qk_l2norm=False)
+def prefill_kernels(dtype, dk: int, dv: int | None = None, arch: int = 90, l2norm: bool = False):
+    """The prefill's Triton kernels at K = dk, V = dv (default dk), as `chunk.launch_config` launches them.
+    l2norm: the kernels that differ with the in-kernel L2 norm (inverse, output and map passes), named
+    with ", l2norm"."""
+    cfg = tc.launch_config(dtype, dk, dv or dk, group=2, hv=32, use_qk_l2norm=l2norm)
     ptrs = _pointers(dtype)
     if cfg["inverse"]["T_SPLIT"]:
         ptrs["t_ptr"] = "*bf16"
+    if l2norm:
+        yield "inverse, l2norm", compile_kernel(tc._inverse_kernel, ptrs, dict(cfg["inverse"], DECAY_BOUND=True),
+                                                arch)
+        ptrs = {**ptrs, **_descriptors(dtype, cfg["recurrence"])} if cfg["recurrence"]["TMA"] else ptrs
+        for name, is_map in (("output pass, l2norm", False), ("map pass, l2norm", True)):
+            yield name, compile_kernel(tc._recurrence_kernel, ptrs, dict(
+                cfg["recurrence"], MAP=is_map, PARTITIONED=True, HAS_STATE_IN=not is_map, STORE_FINAL=not is_map,
+                WARM=is_map and tc.TUNING["skip_negligible_maps"], **(cfg["map_launch"] if is_map else {})), arch)
+        return
     yield "inverse", compile_kernel(tc._inverse_kernel, ptrs, dict(cfg["inverse"], DECAY_BOUND=False), arch)
     yield "inverse, map bounds", compile_kernel(tc._inverse_kernel, ptrs, dict(cfg["inverse"], DECAY_BOUND=True),
                                                 arch)
@@ -199,13 +211,19 @@ def recurrent_kernels(dim: int, arch: int = 90):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", type=int, default=90)
-    ap.add_argument("--dims", default="64,128,256")
+    ap.add_argument("--dims", default="64,128,256,256x512",
+                    help="head dims: K (V = K) or KxV; the Gluon and token-loop kernels at K = V only")
     args = ap.parse_args()
-    for dim in map(int, args.dims.split(",")):
-        for dtype in (torch.bfloat16, torch.float32):
-            for name, k in prefill_kernels(dtype, dim, args.arch):
-                print(json.dumps({"kernel": name, "dtype": TYPES[dtype], "dim": dim, "shared": k.metadata.shared,
-                                  "wgmma": k.asm["ptx"].count("wgmma.mma_async")}), flush=True)
+    for spec in args.dims.split(","):
+        dim, dv = (int(x) for x in spec.split("x")) if "x" in spec else (int(spec), int(spec))
+        for dtype, l2norm in ((torch.bfloat16, False), (torch.float32, False), (torch.bfloat16, True),
+                              (torch.float16, True), (torch.float32, True)):
+            for name, k in prefill_kernels(dtype, dim, dv, args.arch, l2norm):
+                print(json.dumps({"kernel": name, "dtype": TYPES[dtype], "dim": dim, "dim_v": dv,
+                                  "shared": k.metadata.shared, "wgmma": k.asm["ptx"].count("wgmma.mma_async")}),
+                      flush=True)
+        if dv != dim:
+            continue
         if dim == 128 and args.arch == 90:
             for name, k in sm90_kernels(args.arch):
                 print(json.dumps({"kernel": name, "dtype": "bf16", "dim": dim, "shared": k.metadata.shared,

@@ -16,7 +16,11 @@ Three kernels, plus one for long sequences with few heads:
 3. `_chain_kernel`: the partition starts S_p = M_{p-1} S_{p-1} + D_{p-1}, per sequence.
 
 Partitioning is exact (no decay assumption); with one partition per sequence the map and
-chain kernels are skipped. The recurrence reads its chunk tiles through TMA descriptors
+chain kernels are skipped. The in-kernel L2 norm is folded, not applied (chunk_sm90's module
+doc has the algebra): the inverse takes beta / (|k|^2 + eps) and stores the rows' norms, the
+recurrence scales v's rows by sqrt(|k|^2 + eps) and o's by 1 / sqrt(|q|^2 + eps), and the raw
+q, k stay the products' operands (exact for bf16; no fp32 normalised tiles: those needed 333 KB
+of shared memory at K = 256, over Hopper's 227). The recurrence reads its chunk tiles through TMA descriptors
 where the layout allows (Hopper; block pointers otherwise). Temporary memory: T_u and G
 (66 fp32 per token and value head, less than q + k + v) and, with partitions, P small [K, V + K] maps.
 """
@@ -35,6 +39,7 @@ try:  # Gluon (Triton's explicit layer, Hopper): the passes where they cover the
     from . import chunk_sm90, inverse_sm90
 except ImportError:  # a Triton without Gluon
     chunk_sm90 = inverse_sm90 = None
+from ..reference.common import L2NORM_EPS as L2NORM_EPS_
 from .launch import call_sites, launch
 from .common import (PRECISIONS, cdiv, dot_dtype, hi_lo, interpreting, mm, mm_split_ab, mm_split_b,
                      next_power_of_2, sm_count)
@@ -42,35 +47,32 @@ from .common import (PRECISIONS, cdiv, dot_dtype, hi_lo, interpreting, mm, mm_sp
 CHUNK_SIZE = 64
 CHUNK = tl.constexpr(CHUNK_SIZE)  # the kernels' view of it
 LOG2E = tl.constexpr(1.4426950408889634)  # the gates' prefix sums are stored as G log2 e
+# with the in-kernel L2 norm, gcum [B, T, HV, 4] holds after G's hi and lo: sqrt(|k|^2 + eps), then
+# 1 / sqrt(|q|^2 + eps) (the folded norm: module doc; the same fields as chunk_sm90's)
+NORM_K = tl.constexpr(2)
+NORM_Q = tl.constexpr(3)
+L2NORM_EPS = tl.constexpr(L2NORM_EPS_)
 
 
 @triton.jit
-def _load_rows(ptr, base, rows, n_valid, s_t, cols, n_cols, s_d, L2NORM: tl.constexpr):
+def _load_rows(ptr, base, rows, n_valid, s_t, cols, n_cols, s_d):
     """rows x cols tile of one head, zero outside. Kept in the input dtype (an fp32 copy of a
-    bf16 tile costs registers the state needs); L2-normalised per row in fp32 if asked."""
+    bf16 tile costs registers the state needs)."""
     mask = (rows[:, None] < n_valid) & (cols[None, :] < n_cols)
-    x = tl.load(ptr + base + rows[:, None] * s_t + cols[None, :] * s_d, mask=mask, other=0.0)
-    if L2NORM:
-        x = x.to(tl.float32)
-        x = x * tl.rsqrt(tl.sum(x * x, 1) + 1e-6)[:, None]
-    return x
+    return tl.load(ptr + base + rows[:, None] * s_t + cols[None, :] * s_d, mask=mask, other=0.0)
 
 
 @triton.jit
-def _load_tile(ptr, base, n_rows, n_cols, s_t, s_d, col0, BR: tl.constexpr, BC: tl.constexpr, L2NORM: tl.constexpr):
+def _load_tile(ptr, base, n_rows, n_cols, s_t, s_d, col0, BR: tl.constexpr, BC: tl.constexpr):
     """[BR, BC] tile from row 0, column col0 of an [n_rows, n_cols] view at ptr + base, zero
     outside. A block pointer: no per-element address tile in registers."""
     p = tl.make_block_ptr(ptr + base, (n_rows, n_cols), (s_t, s_d), (0, col0), (BR, BC), (1, 0))
-    x = tl.load(p, boundary_check=(0, 1), padding_option="zero")
-    if L2NORM:
-        x = x.to(tl.float32)
-        x = x * tl.rsqrt(tl.sum(x * x, 1) + 1e-6)[:, None]
-    return x
+    return tl.load(p, boundary_check=(0, 1), padding_option="zero")
 
 
 @triton.jit
 def _load_chunk(src, base, row, head, dim, col0, n_rows, n_cols, s_t, s_d, BR: tl.constexpr, BC: tl.constexpr,
-                L2NORM: tl.constexpr, TMA: tl.constexpr):
+                TMA: tl.constexpr):
     """[BR, BC] tile of one head's tokens. TMA: `src` is a descriptor of the tensor viewed as
     [B * T, heads * dim], the tile at (row, head * dim + col0): one bulk copy into shared
     memory, no per-thread addresses; rows past the chunk belong to the next sequence (or are
@@ -78,11 +80,8 @@ def _load_chunk(src, base, row, head, dim, col0, n_rows, n_cols, s_t, s_d, BR: t
     `src` + `base`, zero past n_rows."""
     if TMA:
         x = src.load([row.to(tl.int32), (head * dim + col0).to(tl.int32)])
-        if L2NORM:
-            x = x.to(tl.float32)
-            x = x * tl.rsqrt(tl.sum(x * x, 1) + 1e-6)[:, None]
     else:
-        x = _load_tile(src, base, n_rows, n_cols, s_t, s_d, col0, BR, BC, L2NORM)
+        x = _load_tile(src, base, n_rows, n_cols, s_t, s_d, col0, BR, BC)
     return x
 
 
@@ -202,8 +201,9 @@ def _merged_block_inverse(a, k, G, beta, t_ptr, base, n, s_tt, s_th, DOT: tl.con
 
 @triton.jit
 def _inverse_kernel(
-    k_ptr, g_ptr, beta_ptr, t_ptr, gcum_ptr, chunk_ptr, bound_ptr,
-    s_kb, s_kt, s_kh, s_kd, s_gb, s_gt, s_gh, s_bb, s_bt, s_bh, s_tb, s_tt, s_th, s_cb, s_ct, s_ch,
+    q_ptr, k_ptr, g_ptr, beta_ptr, t_ptr, gcum_ptr, chunk_ptr, bound_ptr,
+    s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_gb, s_gt, s_gh, s_bb, s_bt, s_bh, s_tb, s_tt, s_th,
+    s_cb, s_ct, s_ch,
     s_ub, s_ut, s_uh,
     GROUP: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
     L2NORM: tl.constexpr, K_EXACT: tl.constexpr, DOT: tl.constexpr, T_SPLIT: tl.constexpr,
@@ -215,7 +215,10 @@ def _inverse_kernel(
     block of A). Each T_s is the exact inverse of the block diagonal of size s (no powers of
     A); products are fp32-accurate (hi + lo bf16 split, or 3xTF32 for fp32 operands).
     DECAY_BOUND: also log2 of a bound on the norm of the chunk's state map M_c, at
-    bound_ptr[b, t0, head] (`_warm_start_kernel`)."""
+    bound_ptr[b, t0, head] (`_warm_start_kernel`).
+    L2NORM (gcum [B, T, HV, 4]): the norm folded (module doc): beta is taken as
+    beta / (|k|^2 + eps), and gcum's fields NORM_K and NORM_Q get sqrt(|k|^2 + eps) and
+    1 / sqrt(|q|^2 + eps), the passes' factors of v's and o's rows. Else q_ptr is unused."""
     i_c = tl.program_id(0)
     i_h = tl.program_id(1)
     b = tl.load(chunk_ptr + i_c * 3).to(tl.int64)
@@ -223,9 +226,18 @@ def _inverse_kernel(
     n = tl.load(chunk_ptr + i_c * 3 + 2)
     i_hk = i_h // GROUP
     rt = tl.arange(0, CHUNK)
-    k = _load_rows(k_ptr, b * s_kb + t0 * s_kt + i_hk * s_kh, rt, n, s_kt, tl.arange(0, BK), K, s_kd, L2NORM)
+    k = _load_rows(k_ptr, b * s_kb + t0 * s_kt + i_hk * s_kh, rt, n, s_kt, tl.arange(0, BK), K, s_kd)
     g = tl.load(g_ptr + b * s_gb + (t0 + rt) * s_gt + i_h * s_gh, mask=rt < n, other=0.0).to(tl.float64)
     beta = tl.load(beta_ptr + b * s_bb + (t0 + rt) * s_bt + i_h * s_bh, mask=rt < n, other=0.0).to(tl.float32)
+    if L2NORM:
+        norms = gcum_ptr + b * s_cb + (t0 + rt) * s_ct + i_h * s_ch
+        kf = k.to(tl.float32)
+        k2 = tl.sum(kf * kf, 1) + L2NORM_EPS
+        tl.store(norms + NORM_K, tl.sqrt_rn(k2), mask=rt < n)
+        beta = beta / k2  # the normalised keys' beta
+        q = _load_rows(q_ptr, b * s_qb + t0 * s_qt + i_hk * s_qh, rt, n, s_qt, tl.arange(0, BK), K, s_qd)
+        qf = q.to(tl.float32)
+        tl.store(norms + NORM_Q, tl.div_rn(1.0, tl.sqrt_rn(tl.sum(qf * qf, 1) + L2NORM_EPS)), mask=rt < n)
     # fp64: differences of large sums stay exact (strong decay); in log2 units (G log2 e), so
     # every gate is one exp2 of a difference
     G = tl.cumsum(g, 0) * tl.full([], LOG2E, tl.float64)
@@ -292,15 +304,15 @@ def _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end
     n_rows = tl.minimum(n, CHUNK).to(tl.int32)
     row = b * t_total + t0  # in the [B * T, heads * dim] view of the TMA descriptors
     k = _load_chunk(k_ptr, b * s_kb + t0 * s_kt + i_hk * s_kh, row, i_hk, K, 0, n_rows, K, s_kt, s_kd, CHUNK, BK,
-                    L2NORM, TMA)
+                    TMA)
     if T_SPLIT:
         t_hi = _load_chunk(t_ptr, b * s_tb + t0 * s_tt + 2 * i_h * s_th, row, 2 * i_h, CHUNK, 0, n_rows, CHUNK,
-                           s_tt, 1, CHUNK, CHUNK, False, TMA_T)
+                           s_tt, 1, CHUNK, CHUNK, TMA_T)
         t_lo = _load_chunk(t_ptr, b * s_tb + t0 * s_tt + (2 * i_h + 1) * s_th, row, 2 * i_h + 1, CHUNK, 0, n_rows,
-                           CHUNK, s_tt, 1, CHUNK, CHUNK, False, TMA_T)
+                           CHUNK, s_tt, 1, CHUNK, CHUNK, TMA_T)
     else:
         t_u = _load_chunk(t_ptr, b * s_tb + t0 * s_tt + i_h * s_th, row, i_h, CHUNK, 0, n_rows, CHUNK, s_tt, 1,
-                          CHUNK, CHUNK, False, TMA_T)
+                          CHUNK, CHUNK, TMA_T)
     # prefix sums of g as fp32 hi + lo (fp64 in the inverse kernel): under strong decay
     # G_C - G_j is a difference of numbers ~1e3, where one fp32 would lose the recent tokens
     c_row = gcum_ptr + b * s_cb + t0 * s_ct + i_h * s_ch
@@ -316,12 +328,15 @@ def _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end
     ks = _times_state(k, state, s_hi, s_lo, DOT, K_EXACT, PREC)
     if EARLY_QS and not MAP:
         q = _load_chunk(q_ptr, b * s_qb + t0 * s_qt + i_hk * s_qh, row, i_hk, K, 0, n_rows, K, s_qt, s_qd, CHUNK,
-                        BK, L2NORM, TMA)
+                        BK, TMA)
         qs = _times_state(q, state, s_hi, s_lo, DOT, K_EXACT, PREC)
     # a select, not a branch on is_m: Triton 3.6 miscompiles the branch here (layout pass)
     v = _load_chunk(v_ptr, b * s_vb + t0 * s_vt + i_h * s_vh, row, i_h, V, c0, n_rows, V, s_vt, s_vd, CHUNK, BV,
-                    False, TMA)
-    x = tl.where(is_m, 0.0, v.to(tl.float32)) - gate_exp[:, None] * ks
+                    TMA)
+    v = v.to(tl.float32)
+    if L2NORM:  # the folded norm: v's rows times sqrt(|k|^2 + eps) (module doc)
+        v = v * tl.load(c_row + rt * s_ct + NORM_K, mask=rt < n, other=0.0)[:, None]
+    x = tl.where(is_m, 0.0, v) - gate_exp[:, None] * ks
     if T_SPLIT:
         x_hi, x_lo = hi_lo(x, DOT)
         t_hi, t_lo = t_hi.to(DOT), t_lo.to(DOT)  # no-ops on the GPU
@@ -334,7 +349,7 @@ def _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end
         causal = rt[:, None] >= rt[None, :]
         if not EARLY_QS:
             q = _load_chunk(q_ptr, b * s_qb + t0 * s_qt + i_hk * s_qh, row, i_hk, K, 0, n_rows, K, s_qt, s_qd,
-                            CHUNK, BK, L2NORM, TMA)
+                            CHUNK, BK, TMA)
         # G_i - G_j from the hi + lo parts: the hi difference is exact where it cancels (Sterbenz)
         diff = (g_hi[:, None] - g_hi[None, :]) + (g_lo[:, None] - g_lo[None, :])
         a_qk = _gram(q, tl.trans(k), DOT, K_EXACT) * tl.exp2(tl.where(causal, diff, float("-inf")))
@@ -348,6 +363,8 @@ def _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end
             o = o * gate_exp[:, None] + mm_split_ab(a_qk, u, DOT, PREC)
         o_p = tl.make_block_ptr(o_ptr + b * s_ob + t0 * s_ot + i_h * s_oh, (n_rows, V), (s_ot, 1), (0, c0),
                                 (CHUNK, BV), (1, 0))
+        if L2NORM:  # the folded norm: o's rows over sqrt(|q|^2 + eps)
+            o = o * tl.load(c_row + rt * s_ct + NORM_Q, mask=rt < n, other=0.0)[:, None]
         tl.store(o_p, (o * scale).to(o_ptr.dtype.element_ty), boundary_check=(0, 1))
     u_tilde = u * tl.exp2((last_hi - g_hi) + (last_lo - g_lo))[:, None]  # exp(G_C - G_j) <= 1
     if FUSED_ACC:  # the update accumulates onto the decayed state: one [K, BV] tile live, not two
@@ -982,7 +999,7 @@ def _launch_config(dtype, dk, dv, group, hv, use_qk_l2norm, many_programs, tunin
     bv = _block_v(dk, dv, tuning["block_v"])
     dot = dot_dtype(dtype)
     exact = dtype == torch.bfloat16  # bf16 q/k/v tiles are exact tensor-core operands
-    k_exact = exact and not use_qk_l2norm
+    k_exact = exact  # raw q, k with the norm folded too
     prec = PRECISIONS[tuning["precision"]]
     # Pipelined tile loads live in shared memory (227 KB a block). fp32 operands at K = 128:
     # 296 KB at 3 stages, 131 KB at 1; bf16 at K = 256: 280 KB at 3, 197 KB at 2.
@@ -1143,11 +1160,12 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
         tinv = torch.empty(bsz, t_len, hv, CHUNK_SIZE, dtype=torch.float32, device=device)
     # [B, T, HV, 2] stored head-major: a chunk's 64 (hi, lo) pairs of one head are 512
     # contiguous bytes, not 64 lines (H100: inverse -8 to -13%, output pass -1 to -3%; NOTES.md v5.5).
-    # The Gluon passes' folded L2 norm adds two fields: k's and q's norms (chunk_sm90 module doc;
-    # q's are written only where the inverse sums them, TUNING["gluon_q_norms"])
+    # The folded L2 norm adds two fields: k's and q's norms (`_inverse_kernel`, chunk_sm90 module
+    # doc; on the Gluon path q's are written only where the inverse sums them, TUNING["gluon_q_norms"])
     fold = gluon and bool(use_qk_l2norm)
     q_norms_out = fold and TUNING["gluon_q_norms"] == "output"
-    gcum = torch.empty(bsz, hv, t_len, 4 if fold else 2, dtype=torch.float32, device=device).transpose(1, 2)
+    gcum = torch.empty(bsz, hv, t_len, 4 if use_qk_l2norm else 2, dtype=torch.float32,
+                       device=device).transpose(1, 2)
     # the chunks' map-norm bounds (at each chunk's first token) and the warm-start table
     warm = plan["num_maps"] > 0 and TUNING["skip_negligible_maps"]
     bound = torch.empty(bsz, t_len, hv, dtype=torch.float32, device=device) if warm else gcum
@@ -1170,7 +1188,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
                              l2norm=fold, q=q if fold and not q_norms_out else None)
     else:
         run("inverse", _inverse_kernel, (plan["num_chunks"], hv),
-            k, g, beta, tinv, gcum, plan["chunks"], bound, *k.stride(), *g.stride(), *beta.stride(),
+            q, k, g, beta, tinv, gcum, plan["chunks"], bound, *q.stride(), *k.stride(), *g.stride(), *beta.stride(),
             *tinv.stride()[:3], *gcum.stride()[:3], *bound.stride()[:3], DECAY_BOUND=warm, **cfg["inverse"])
     strides = (*q.stride(), *k.stride(), *v.stride(), *gcum.stride()[:3], *tinv.stride()[:3], *o.stride()[:3])
     if not gluon and rec["TMA"]:

@@ -829,8 +829,8 @@ def may_run(q: torch.Tensor, v: torch.Tensor) -> bool:
 def supported(q: torch.Tensor, v: torch.Tensor, rec: dict) -> bool:
     """Whether these kernels cover the launch `rec` (chunk.launch_config's recurrence dict, TMA
     already decided) on q's device."""
-    # (K_EXACT is off with the in-kernel L2 norm: here k stays the raw, exact bf16 operand)
-    return (may_run(q, v) and (rec["K_EXACT"] or rec["L2NORM"]) and rec["T_SPLIT"] and rec["TMA"]
+    # (k is the raw, exact bf16 operand with the in-kernel L2 norm too: it is folded)
+    return (may_run(q, v) and rec["K_EXACT"] and rec["T_SPLIT"] and rec["TMA"]
             and rec["TMA_T"] and rec["BK"] == 128 and rec["BV"] == BLOCK_V)
 
 

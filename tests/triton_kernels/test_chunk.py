@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import flashdelta as fd
-from flashdelta.testing import make_case, oracle, rel_l2
+from flashdelta.testing import make_case, oracle, raw_norms_case, rel_l2
 from flashdelta.triton.chunk import chunk_gated_delta_rule_fwd
 
 pytest.importorskip("triton")
@@ -64,6 +64,21 @@ def test_parity(kind, dtype, seed, device):
 def test_short_and_edge_lengths(seq_len, seed, device):
     case = make_case("random", torch.float32, device, seed=seed, seq_len=seq_len)
     check(case, *run(case))
+
+
+@pytest.mark.parametrize("partition_chunks", [None, 1])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("kind", ["random", "near_identical_keys", "cyclic_keys", "strong_decay", "zero_decay",
+                                  "beta_0_2", "large_initial_state", "varlen"])
+def test_folded_l2norm(kind, dtype, partition_chunks, seed, device):
+    """use_qk_l2norm_in_kernel on the Triton passes: the norms folded into beta, v and o (the
+    raw q, k are the products' operands; `_inverse_kernel` doc). Rows over four decades of norms
+    and some exactly zero, a group of two value heads per key head (each program sums its key
+    head's norms), with and without partitions: the dtype's tolerance against the fp64 oracle,
+    which normalises in fp64."""
+    case = raw_norms_case(make_case(kind, dtype, device, seed=seed + 5, seq_len=130, heads=2, value_heads=4),
+                          seed=seed)
+    check(case, *run(case, partition_chunks))
 
 
 @pytest.mark.parametrize("lead", [False, True, "adaptive"])

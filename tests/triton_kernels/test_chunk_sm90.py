@@ -192,7 +192,8 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, 
                                 bound=bound.shape if decay_bound else None, k_desc=k_desc, t_desc=t_desc,
                                 per_program=per_program)
         cfg = tc.launch_config(k.dtype, 128, 128, group, hv, False)["inverse"]
-        tc._inverse_kernel[(num_chunks, hv)](k, g, beta, tinv, gcum, chunks, bound, *k.stride(), *g.stride(),
+        tc._inverse_kernel[(num_chunks, hv)](k, k, g, beta, tinv, gcum, chunks, bound, *k.stride(), *k.stride(),
+                                             *g.stride(),
                                              *beta.stride(), *tinv.stride()[:3], *gcum.stride()[:3],
                                              *bound.stride()[:3], DECAY_BOUND=decay_bound, **cfg)
 

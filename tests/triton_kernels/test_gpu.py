@@ -7,7 +7,7 @@ import torch
 
 import flashdelta as fd
 from flashdelta.bench import Shape, make_inputs
-from flashdelta.testing import make_case, oracle, rel_l2
+from flashdelta.testing import make_case, oracle, raw_norms_case, rel_l2
 from flashdelta.triton.chunk import chunk_gated_delta_rule_fwd
 
 pytestmark = pytest.mark.gpu
@@ -106,6 +106,35 @@ def test_dtypes_and_head_dims(dtype, dim):
         o, s = chunk_gated_delta_rule_fwd(*case.args(), dim**-0.5, None, True, partition_chunks=pc)
         tol = 1e-5 if dtype == torch.float32 else 4e-3
         assert rel_l2(o, o_ref) <= tol and rel_l2(s, s_ref) <= max(tol, 1e-3), (rel_l2(o, o_ref), rel_l2(s, s_ref))
+
+
+@pytest.mark.parametrize("kind", ["random", "near_identical_keys"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dims", [(64, 64), (128, 128), (256, 256), (256, 512)], ids=lambda d: f"K{d[0]}V{d[1]}")
+def test_triton_passes_folded_l2norm(dims, dtype, kind, monkeypatch):
+    """use_qk_l2norm_in_kernel on the Triton passes (the Gluon ones off), the norm folded: at K = 256
+    (FLA's GatedDeltaNet layer: V = 512) and fp16 / fp32 at K >= 128 these launches needed more
+    shared memory than Hopper has while the kernels normalised q, k tiles themselves. Raw rows over
+    four decades of norms and some zero, with and without partitions, outputs poisoned: the oracle
+    within the dtype's bound, and bitwise the same twice."""
+    from flashdelta.triton import chunk as tc
+
+    monkeypatch.setitem(tc.TUNING, "gluon_sm90", False)
+    dk, dv = dims
+    case = raw_norms_case(make_case(kind, dtype, "cuda", seed=dk + dv, seq_len=300, heads=2, value_heads=4, dk=dk,
+                                    dv=dv), seed=dk)
+    o_ref, s_ref = oracle(case)
+    tol = 1e-5 if dtype == torch.float32 else 4e-3
+    for pc in (None, 2):
+        runs = []
+        for _ in range(2):
+            o = torch.full_like(case.v, float("nan"))
+            s = torch.full((2, 4, dk, dv), float("nan"), device="cuda")
+            runs.append(chunk_gated_delta_rule_fwd(*case.args(), dk**-0.5, None, True, None, True, partition_chunks=pc,
+                                                   out=o, final_state_out=s))
+        (o, s), (o2, s2) = runs
+        assert rel_l2(o, o_ref) <= tol and rel_l2(s, s_ref) <= max(tol, 1e-3), (rel_l2(o, o_ref), rel_l2(s, s_ref))
+        assert torch.equal(o, o2) and torch.equal(s, s2)
 
 
 def _hopper():
@@ -409,7 +438,7 @@ def test_gluon_inverse(kind, seq_len, t_tma):
         bound = torch.full((bsz, t_len, hv), float("nan"), device="cuda")
         if triton_kernel:
             tc._inverse_kernel[(plan["num_chunks"], hv)](
-                k, g, beta, tinv, gcum, plan["chunks"], bound, *k.stride(), *g.stride(), *beta.stride(),
+                q, k, g, beta, tinv, gcum, plan["chunks"], bound, *q.stride(), *k.stride(), *g.stride(), *beta.stride(),
                 *tinv.stride()[:3], *gcum.stride()[:3], *bound.stride()[:3], DECAY_BOUND=True, **cfg["inverse"])
         else:
             inverse_sm90.inverse(k, g, beta, tinv, gcum, plan["chunks"], plan["num_chunks"], bound, hv, hv // 2,
@@ -448,21 +477,6 @@ def test_gluon_inverse(kind, seq_len, t_tma):
         assert rel_l2(o, o_ref) <= 4e-3 and rel_l2(s, s_ref) <= 1e-3, (rel_l2(o, o_ref), rel_l2(s, s_ref))
 
 
-def _raw_norms(case, seed: int):
-    """The case with q's and k's rows scaled by 10^U(-2, 2), 2% of them exactly zero, and
-    use_qk_l2norm_in_kernel: the op's normalisation gives back the kind's directions (near-
-    identical keys stay near-identical), over four decades of norms and through eps."""
-    gen = torch.Generator().manual_seed(seed)
-    scaled = []
-    for x in (case.q, case.k):
-        rows = x.shape[:3]
-        factor = 10.0 ** (4.0 * torch.rand(*rows, generator=gen) - 2.0)
-        factor[torch.rand(*rows, generator=gen) < 0.02] = 0.0
-        scaled.append((x.float() * factor[..., None].to(x.device)).to(x.dtype))
-    kwargs = dict(case.kwargs, use_qk_l2norm_in_kernel=True)
-    return type(case)(case.name + "/l2norm", scaled[0], scaled[1], case.v, case.g, case.beta, kwargs)
-
-
 @pytest.mark.skipif(not _hopper(), reason="the Gluon passes are sm_90 only")
 @pytest.mark.parametrize("kind", ["random", "near_identical_keys", "cyclic_keys", "strong_decay", "zero_decay",
                                   "beta_0_2", "large_initial_state", "varlen"])
@@ -472,9 +486,8 @@ def test_gluon_folded_l2norm(kind, seq_len, partition_chunks, q_norms, monkeypat
     """use_qk_l2norm_in_kernel on the Gluon path: the norms folded into beta, v and o
     (chunk_sm90 module doc), the raw bf16 q and k the products' exact operands. Raw rows over four
     decades of norms and some zero: the exactness goal against the fp64 oracle (which
-    normalises in fp64), no worse than the Triton passes (which normalise in fp32 and split
-    the products with k) nor than FLA where installed (which rounds the normalised q, k to
-    bf16), deterministic, outputs poisoned first; the folded kernels ran, with a group of two
+    normalises in fp64), no worse than the Triton passes (the same fold, in Triton) nor than FLA
+    where installed (which rounds the normalised q, k to bf16), deterministic, outputs poisoned first; the folded kernels ran, with a group of two
     value heads per key head. q's norms summed where `q_norms` says (TUNING["gluon_q_norms"]): by
     the output and lead passes from their q tiles, or by the inverse (stored for both value heads
     by one program)."""
@@ -492,7 +505,7 @@ def test_gluon_folded_l2norm(kind, seq_len, partition_chunks, q_norms, monkeypat
                 assert kwargs.get("q_norms") is (q_norms == "output")
             return _fn(*args, **kwargs)
         monkeypatch.setattr(module, name, counted)
-    case = _raw_norms(make_case(kind, torch.bfloat16, "cuda", seed=17, seq_len=seq_len, heads=2, value_heads=4,
+    case = raw_norms_case(make_case(kind, torch.bfloat16, "cuda", seed=17, seq_len=seq_len, heads=2, value_heads=4,
                                 dk=128), seed=seq_len)
     q, k, v, g, beta = case.args()
     kw = case.kwargs
@@ -512,7 +525,7 @@ def test_gluon_folded_l2norm(kind, seq_len, partition_chunks, q_norms, monkeypat
     assert {name for name, _ in calls} >= {"inverse", "output_pass"}
     del calls[:]
     o_t, s_t = run(False)
-    assert not calls  # (the Triton passes: nothing folded)
+    assert not calls  # (the Triton passes ran: no Gluon kernel)
     o_ref, s_ref = oracle(case)
     assert torch.equal(o_g, o_g2) and torch.equal(s_g, s_g2)
     err_o, err_s = rel_l2(o_g, o_ref), rel_l2(s_g, s_ref)
