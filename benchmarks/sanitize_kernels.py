@@ -2,7 +2,8 @@
 
     compute-sanitizer --tool memcheck python benchmarks/sanitize_kernels.py
     compute-sanitizer --tool racecheck python benchmarks/sanitize_kernels.py
-    (options: --dim 256, --tuning block_v=32,stages=1)
+    (options: --dim 256: the Triton passes, the in-kernel L2 norm folded there too;
+     --tuning block_v=32,stages=1)
 
 Covers the inverse (in Gluon on sm_90, bf16, K = 128: the default), map, chain, output and lead passes of the prefill (partitioned varlen, with
 an initial state and a ragged last chunk, with and without the lead pass, and with the in-kernel L2 norm folded;
