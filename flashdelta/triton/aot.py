@@ -83,30 +83,25 @@ def prefill_kernels(dtype, dk: int, dv: int | None = None, arch: int = 90, l2nor
     ptrs = _pointers(dtype)
     if cfg["inverse"]["T_SPLIT"]:
         ptrs["t_ptr"] = "*bf16"
-    if l2norm:
-        yield "inverse, l2norm", compile_kernel(tc._inverse_kernel, ptrs, dict(cfg["inverse"], DECAY_BOUND=True),
-                                                arch)
-        ptrs = {**ptrs, **_descriptors(dtype, cfg["recurrence"])} if cfg["recurrence"]["TMA"] else ptrs
-        for name, is_map in (("output pass, l2norm", False), ("map pass, l2norm", True)):
-            yield name, compile_kernel(tc._recurrence_kernel, ptrs, dict(
-                cfg["recurrence"], MAP=is_map, PARTITIONED=True, HAS_STATE_IN=not is_map, STORE_FINAL=not is_map,
-                WARM=is_map and tc.TUNING["skip_negligible_maps"], **(cfg["map_launch"] if is_map else {})), arch)
-        return
-    yield "inverse", compile_kernel(tc._inverse_kernel, ptrs, dict(cfg["inverse"], DECAY_BOUND=False), arch)
-    yield "inverse, map bounds", compile_kernel(tc._inverse_kernel, ptrs, dict(cfg["inverse"], DECAY_BOUND=True),
-                                                arch)
-    yield "choose plan", compile_kernel(tc._choose_plan_kernel, ptrs, dict(HV=32, NVB=2, NKB=2, SLOTS=264, BLOCK=256),
-                                        arch)
-    yield "warm start", compile_kernel(tc._warm_start_kernel, ptrs, dict(HV=32, LIMIT=tc.NEGLIGIBLE_LOG2, BLOCK=64),
-                                       arch)
+    tag = ", l2norm" if l2norm else ""
+    if not l2norm:
+        yield "inverse", compile_kernel(tc._inverse_kernel, ptrs, dict(cfg["inverse"], DECAY_BOUND=False), arch)
+    yield "inverse" + (tag or ", map bounds"), compile_kernel(tc._inverse_kernel, ptrs,
+                                                             dict(cfg["inverse"], DECAY_BOUND=True), arch)
+    if not l2norm:
+        yield "choose plan", compile_kernel(tc._choose_plan_kernel, ptrs,
+                                            dict(HV=32, NVB=2, NKB=2, SLOTS=264, BLOCK=256), arch)
+        yield "warm start", compile_kernel(tc._warm_start_kernel, ptrs,
+                                           dict(HV=32, LIMIT=tc.NEGLIGIBLE_LOG2, BLOCK=64), arch)
     if cfg["recurrence"]["TMA"]:
         ptrs = {**ptrs, **_descriptors(dtype, cfg["recurrence"])}
-    yield "output pass", compile_kernel(tc._recurrence_kernel, ptrs, dict(
+    yield "output pass" + tag, compile_kernel(tc._recurrence_kernel, ptrs, dict(
         cfg["recurrence"], MAP=False, PARTITIONED=True, HAS_STATE_IN=True, STORE_FINAL=True, WARM=False), arch)
-    yield "map pass", compile_kernel(tc._recurrence_kernel, ptrs, dict(
+    yield "map pass" + tag, compile_kernel(tc._recurrence_kernel, ptrs, dict(
         cfg["recurrence"], MAP=True, PARTITIONED=True, HAS_STATE_IN=False, STORE_FINAL=False,
-        WARM=tc.TUNING["skip_negligible_maps"]), arch)
-    yield "chain", compile_kernel(tc._chain_kernel, ptrs, dict(cfg["chain"], HAS_H0=True), arch)
+        WARM=tc.TUNING["skip_negligible_maps"], **cfg["map_launch"]), arch)
+    if not l2norm:
+        yield "chain", compile_kernel(tc._chain_kernel, ptrs, dict(cfg["chain"], HAS_H0=True), arch)
 
 
 def compile_gluon(fn, constexprs: dict, common: bool = True, arch: int = 90, **options):
