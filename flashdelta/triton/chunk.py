@@ -86,11 +86,12 @@ def _load_chunk(src, base, row, head, dim, col0, n_rows, n_cols, s_t, s_d, BR: t
 
 
 @triton.jit
-def _gram(a, b_t, DOT: tl.constexpr, EXACT: tl.constexpr):
+def _gram(a, b_t, DOT: tl.constexpr, GRAM_DOT: tl.constexpr):
     """a @ b_t for key/query tiles (b_t: a tile transposed, also batched [n, d, rows]): one
-    product when they are exact in DOT, else split."""
-    if EXACT:
-        return mm(a.to(DOT), b_t.to(DOT), DOT)
+    product in GRAM_DOT, the tensor-core type the inputs are exact in (bf16 or fp16; exact
+    products, fp32 sums), or split in DOT where there is none (GRAM_DOT None)."""
+    if GRAM_DOT is not None:
+        return mm(a.to(GRAM_DOT), b_t.to(GRAM_DOT), GRAM_DOT)
     else:
         return mm_split_ab(a, b_t, DOT)
 
@@ -104,12 +105,12 @@ def _store_hi_lo(ptr, x, mask):
 
 
 @triton.jit
-def _diagonal_block_inverse(k, G, beta, DOT: tl.constexpr, K_EXACT: tl.constexpr):
+def _diagonal_block_inverse(k, G, beta, DOT: tl.constexpr, GRAM_DOT: tl.constexpr):
     """The four 16 x 16 diagonal blocks of T = (I + A)^-1 as a [4, 16, 16] batch: the same
     doubling steps as the full tile (T_2s = T_s - T_s E_s T_s, s = 1, 2, 4, 8).
     k [64, BK]; G, beta [64]."""
     kb = tl.reshape(k, (4, 16, k.shape[1]))
-    gram = _gram(kb, tl.permute(kb, (0, 2, 1)), DOT, K_EXACT)
+    gram = _gram(kb, tl.permute(kb, (0, 2, 1)), DOT, GRAM_DOT)
     gb = tl.reshape(G, (4, 16))
     bb = tl.reshape(beta, (4, 16))
     r = tl.arange(0, 16)[None, :, None]
@@ -173,7 +174,7 @@ def _store_t(t_ptr, base, rows, cols, x, n, s_tt, s_th, T_SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _merged_block_inverse(a, k, G, beta, t_ptr, base, n, s_tt, s_th, DOT: tl.constexpr, K_EXACT: tl.constexpr,
+def _merged_block_inverse(a, k, G, beta, t_ptr, base, n, s_tt, s_th, DOT: tl.constexpr, GRAM_DOT: tl.constexpr,
                           T_SPLIT: tl.constexpr):
     """T_u = (I + A)^-1 diag(beta) of one chunk by block substitution on the nonzero blocks
     only, stored: [[T_1, 0], [-T_2 A_21 T_1, T_2]] for the inverses T_1, T_2 of the diagonal
@@ -181,7 +182,7 @@ def _merged_block_inverse(a, k, G, beta, t_ptr, base, n, s_tt, s_th, DOT: tl.con
     The same steps as the full-tile doubling levels 16 and 32 without their products of zero
     blocks (~1.2 M instead of ~4 M multiply-adds per chunk). a = A [64, 64]; k [64, BK];
     G (fp64), beta [64]."""
-    t4 = tl.reshape(_diagonal_block_inverse(k, G, beta, DOT, K_EXACT), (2, 2, 16, 16))
+    t4 = tl.reshape(_diagonal_block_inverse(k, G, beta, DOT, GRAM_DOT), (2, 2, 16, 16))
     t_odd_even = tl.permute(t4, (0, 2, 3, 1))  # [32-block, 16, 16, which 16-block]
     t_even, t_odd = tl.split(t_odd_even)
     a_11, _, a_21, a_22 = _quadrants(a)
@@ -206,7 +207,7 @@ def _inverse_kernel(
     s_cb, s_ct, s_ch,
     s_ub, s_ut, s_uh,
     GROUP: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-    L2NORM: tl.constexpr, K_EXACT: tl.constexpr, DOT: tl.constexpr, T_SPLIT: tl.constexpr,
+    L2NORM: tl.constexpr, GRAM_DOT: tl.constexpr, DOT: tl.constexpr, T_SPLIT: tl.constexpr,
     BLOCKED16: tl.constexpr = False, BLOCK_MERGE: tl.constexpr = False, DECAY_BOUND: tl.constexpr = False,
 ):
     """T_u = (I + A)^-1 diag(beta) of one chunk and head, on whole 64 x 64 tiles with the tensor
@@ -248,7 +249,7 @@ def _inverse_kernel(
         base = b * s_tb + t0 * s_tt + i_h * s_th
     row = rt[:, None]
     col = rt[None, :]
-    gram = _gram(k, tl.trans(k), DOT, K_EXACT)
+    gram = _gram(k, tl.trans(k), DOT, GRAM_DOT)
     if DECAY_BOUND:
         # one token's map is e^{g_t} (I - beta_t k_t k_t^T), of norm e^{g_t} max(1, |1 - beta_t |k_t|^2|);
         # the chunk's is at most their product (padded rows: g = beta = 0, a factor 1)
@@ -258,12 +259,12 @@ def _inverse_kernel(
         tl.store(bound_ptr + b * s_ub + t0 * s_ut + i_h * s_uh, bound)
     a = gram * tl.exp2(tl.where(row > col, (G[:, None] - G[None, :]).to(tl.float32), float("-inf"))) * beta[:, None]
     if BLOCK_MERGE:
-        _merged_block_inverse(a, k, G, beta, t_ptr, base, n, s_tt, s_th, DOT, K_EXACT, T_SPLIT)
+        _merged_block_inverse(a, k, G, beta, t_ptr, base, n, s_tt, s_th, DOT, GRAM_DOT, T_SPLIT)
     else:
         if BLOCKED16:
             # levels 2, 4, 8 inside the four 16 x 16 diagonal blocks, as one batched product of
             # [4, 16, 16] tiles (1/16 of the full tile's work), then placed block-diagonally
-            t = _block_diagonal(_diagonal_block_inverse(k, G, beta, DOT, K_EXACT))
+            t = _block_diagonal(_diagonal_block_inverse(k, G, beta, DOT, GRAM_DOT))
         else:
             t = (row == col).to(tl.float32) - tl.where((row % 2 == 1) & (col == row - 1), a, 0.0)
         for level in tl.static_range(1, 6):
@@ -293,7 +294,7 @@ def _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end
                 K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr,
                 L2NORM: tl.constexpr, K_EXACT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
                 TMA: tl.constexpr, T_SPLIT: tl.constexpr, FUSED_ACC: tl.constexpr, EARLY_QS: tl.constexpr,
-                TMA_T: tl.constexpr):
+                TMA_T: tl.constexpr, GRAM_DOT: tl.constexpr):
     """One chunk of the recurrence: writes the chunk's outputs (unless MAP), returns the new state.
 
     U = T_u (V - e^G (K S)) with T_u = (I + A)^-1 diag(beta) from the inverse kernel;
@@ -352,7 +353,7 @@ def _chunk_step(q_ptr, k_ptr, v_ptr, gcum_ptr, t_ptr, o_ptr, state, b, t0, t_end
                             CHUNK, BK, TMA)
         # G_i - G_j from the hi + lo parts: the hi difference is exact where it cancels (Sterbenz)
         diff = (g_hi[:, None] - g_hi[None, :]) + (g_lo[:, None] - g_lo[None, :])
-        a_qk = _gram(q, tl.trans(k), DOT, K_EXACT) * tl.exp2(tl.where(causal, diff, float("-inf")))
+        a_qk = _gram(q, tl.trans(k), DOT, GRAM_DOT) * tl.exp2(tl.where(causal, diff, float("-inf")))
         if EARLY_QS:
             o = qs
         else:
@@ -476,7 +477,7 @@ def _recurrence_kernel(
     STORE_FINAL: tl.constexpr, L2NORM: tl.constexpr, K_EXACT: tl.constexpr,
     DOT: tl.constexpr, PREC: tl.constexpr, WHILE_LOOPS: tl.constexpr, TMA: tl.constexpr, T_SPLIT: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr = False, FUSED_ACC: tl.constexpr = False, EARLY_QS: tl.constexpr = False,
-    TMA_T: tl.constexpr = False, WARM: tl.constexpr = False,
+    TMA_T: tl.constexpr = False, WARM: tl.constexpr = False, GRAM_DOT: tl.constexpr = None,
 ):
     """q_ptr, k_ptr, v_ptr: tensor descriptors when TMA, else pointers (+ strides); t_ptr: a
     descriptor when TMA_T (which implies TMA), else a pointer;
@@ -530,7 +531,7 @@ def _recurrence_kernel(
                                 c0, is_m, s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh,
                                 s_vd, s_cb, s_ct, s_ch, s_tb, s_tt, s_th, s_ob, s_ot, s_oh, scale,
                                 K, V, BK, BV, MAP, L2NORM, K_EXACT, DOT, PREC, TMA, T_SPLIT, FUSED_ACC, EARLY_QS,
-                                TMA_T)
+                                TMA_T, GRAM_DOT)
             t0 += CHUNK
     else:
         for t0 in tl.range(t_begin, t_end, CHUNK, warp_specialize=WARP_SPECIALIZE):
@@ -538,7 +539,7 @@ def _recurrence_kernel(
                                 c0, is_m, s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh,
                                 s_vd, s_cb, s_ct, s_ch, s_tb, s_tt, s_th, s_ob, s_ot, s_oh, scale,
                                 K, V, BK, BV, MAP, L2NORM, K_EXACT, DOT, PREC, TMA, T_SPLIT, FUSED_ACC, EARLY_QS,
-                                TMA_T)
+                                TMA_T, GRAM_DOT)
 
     if MAP:
         if is_m:
@@ -719,10 +720,15 @@ TUNING = {
     # state's bf16 hi + lo tiles die there; "fused_accumulate" lets the two sums of a product
     # and a tile (o = e^G Q S + A U, the state update) accumulate onto the tile in place.
     # H100, both: output pass -2 to -5% (1x32K, 8x4K, 1x128K), +0.2% at 1x32K 16/32 (NOTES.md,
-    # v4.4). Applied to bf16 inputs with K <= 128 only: at K = 256 and with fp32 operands they
-    # spill more (336 -> 376 B, 2088 -> 2240 B offline) and were not timed
+    # v4.4). Applied to bf16 inputs: at K = 256 they spill more offline (336 -> 376 B) but the
+    # output pass is -8% (H100, v5.11); fp16 inputs (split q, k) without them: +31% with them at
+    # K = 128 (1040 B of spill), equal at K = 64; fp32 operands not timed (2088 -> 2240 B)
     "early_qs": True,
     "fused_accumulate": True,
+    # fp16 inputs: the grams K K^T and Q K^T as one fp16 product (q, k are exact in fp16; the
+    # products exact, fp32 sums) instead of three split bf16 ones (common.dot_dtype); False:
+    # the split (A/B checks)
+    "gram_fp16": True,
     # the map and output passes in Gluon (chunk_sm90.py: the next chunk's tiles fetched during
     # this one, asynchronous wgmma, shared memory placed by hand, descriptors kept out of the
     # registers) where they cover the launch (sm_90, bf16, K = 128; the in-kernel L2 norm folded).
@@ -1000,6 +1006,14 @@ def _launch_config(dtype, dk, dv, group, hv, use_qk_l2norm, many_programs, tunin
     dot = dot_dtype(dtype)
     exact = dtype == torch.bfloat16  # bf16 q/k/v tiles are exact tensor-core operands
     k_exact = exact  # raw q, k with the norm folded too
+    # the type q and k are exact in, for their grams (K K^T, Q K^T) as one product: fp16 inputs
+    # take one fp16 product there, three split bf16 ones elsewhere (dot_dtype)
+    if exact:
+        gram_dot = dot
+    elif dtype == torch.float16 and tuning["gram_fp16"]:
+        gram_dot = tl.float16
+    else:
+        gram_dot = None
     prec = PRECISIONS[tuning["precision"]]
     # Pipelined tile loads live in shared memory (227 KB a block). fp32 operands at K = 128:
     # 296 KB at 3 stages, 131 KB at 1; bf16 at K = 256: 280 KB at 3, 197 KB at 2.
@@ -1007,16 +1021,18 @@ def _launch_config(dtype, dk, dv, group, hv, use_qk_l2norm, many_programs, tunin
     stages = min(fits, tuning["stages"] or (1 if many_programs and bv == 64 else 2))
     map_stages = min(fits, tuning["stages_map"] or stages)
     warps = 4 if interpret else tuning["warps_recurrence"]
-    # T_u as a bf16 hi + lo pair for bf16 inputs with split products (PREC 0); else fp32. (Also
-    # under the interpreter, whose fp32 products then check the pair's data path.)
-    t_split = dtype == torch.bfloat16 and prec == 0
-    reorder = dtype == torch.bfloat16 and bk <= 128  # where early_qs / fused_accumulate were timed
-    inverse = dict(GROUP=group, K=dk, BK=bk, L2NORM=use_qk_l2norm, K_EXACT=k_exact, DOT=dot, T_SPLIT=t_split,
-                   BLOCKED16=tuning["inverse_blocked16"] and dtype == torch.bfloat16,  # where measured
-                   BLOCK_MERGE=tuning["inverse_block_merge"] and tuning["inverse_blocked16"] and dtype == torch.bfloat16,
+    # the inputs whose products take bf16 operands on the GPU (common.dot_dtype); the choices
+    # below follow the inputs, not DOT, so that the interpreter (fp32 products) checks their data paths
+    half = dtype in (torch.bfloat16, torch.float16)
+    # T_u as a bf16 hi + lo pair with split products (PREC 0); else fp32
+    t_split = half and prec == 0
+    reorder = exact  # early_qs / fused_accumulate: where timed (bf16, K = 64-256; fp16: +31% at K = 128)
+    inverse = dict(GROUP=group, K=dk, BK=bk, L2NORM=use_qk_l2norm, GRAM_DOT=gram_dot, DOT=dot, T_SPLIT=t_split,
+                   BLOCKED16=tuning["inverse_blocked16"] and half,  # where measured
+                   BLOCK_MERGE=tuning["inverse_block_merge"] and tuning["inverse_blocked16"] and half,
                    num_warps=tuning["warps_inverse"], num_stages=min(fits, 2))
     recurrence = dict(HV=hv, GROUP=group, K=dk, V=dv, BK=bk, BV=bv, NVB=cdiv(dv, bv), L2NORM=use_qk_l2norm,
-                      K_EXACT=k_exact, DOT=dot, PREC=prec, WHILE_LOOPS=interpret, TMA=tuning["tma"],
+                      K_EXACT=k_exact, GRAM_DOT=gram_dot, DOT=dot, PREC=prec, WHILE_LOOPS=interpret, TMA=tuning["tma"],
                       TMA_T=tuning["tma"] and tuning["tma_t"],
                       T_SPLIT=t_split, WARP_SPECIALIZE=tuning["warp_specialize"] and not interpret,
                       FUSED_ACC=tuning["fused_accumulate"] and reorder, EARLY_QS=tuning["early_qs"] and reorder,

@@ -18,11 +18,14 @@ def dot_dtype(input_dtype: torch.dtype):
     """The dtype the tensor-core operands take.
 
     bf16 inputs: bf16 operands (q, k, v are exact in it; fp32 operands go in as a hi + lo pair).
-    fp16/fp32 inputs: fp32 operands with 3xTF32 (about fp32 accuracy).
+    fp16 inputs: bf16 operands too. An fp16 number is exactly a bf16 hi + lo pair (11 significant
+    bits, and bf16's exponent range holds fp16's), so q and k go in split like an fp32 operand:
+    3 bf16 products where bf16 inputs take 2, against 3xTF32's 3 half-rate ones (NOTES.md v5.11).
+    fp32 inputs: fp32 operands with 3xTF32 (about fp32 accuracy).
     Under TRITON_INTERPRET the interpreter cannot multiply bf16 (triton issue #11584: it
     multiplies the raw bits), so fp32 is used there: same code, a split whose low part is 0.
     """
-    if input_dtype == torch.bfloat16 and not interpreting():
+    if input_dtype in (torch.bfloat16, torch.float16) and not interpreting():
         return tl.bfloat16
     return tl.float32
 

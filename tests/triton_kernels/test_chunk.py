@@ -60,6 +60,21 @@ def test_parity(kind, dtype, seed, device):
     check(case, o, s)
 
 
+@pytest.mark.parametrize("partition_chunks", [None, 1])
+@pytest.mark.parametrize("kind", ["random", "l2norm_in_kernel", "near_identical_keys", "cyclic_keys", "strong_decay",
+                                  "zero_decay", "beta_0_2", "large_initial_state", "varlen"])
+def test_fp16_near_its_floor(kind, partition_chunks, seed, device):
+    """fp16 inputs (bf16 split operands on the GPU, the grams as one fp16 product: common.dot_dtype,
+    TUNING["gram_fp16"]): o within 2.5x of its fp16 rounding (the floor: the oracle's o rounded
+    to fp16), the state within 1e-3, finite and fully written."""
+    case = make_case(kind, torch.float16, device, seed=seed + 3, seq_len=130, heads=2, value_heads=4)
+    o, s = run(case, partition_chunks)
+    o_ref, s_ref = oracle(case)
+    floor = rel_l2(o_ref.to(torch.float16), o_ref)
+    assert o.dtype == torch.float16 and torch.isfinite(o).all() and torch.isfinite(s).all()
+    assert rel_l2(o, o_ref) <= 2.5 * floor and rel_l2(s, s_ref) <= 1e-3, (rel_l2(o, o_ref), floor, rel_l2(s, s_ref))
+
+
 @pytest.mark.parametrize("seq_len", [1, 63, 64, 65])
 def test_short_and_edge_lengths(seq_len, seed, device):
     case = make_case("random", torch.float32, device, seed=seed, seq_len=seq_len)
@@ -440,13 +455,35 @@ def test_register_saving_orders_are_exact(kind, knobs, seed, device, monkeypatch
 
 
 def test_register_saving_orders_only_where_timed():
-    """On by default for bf16 inputs at K <= 128; K = 256 and fp32 operands spill more with them."""
+    """On by default for bf16 inputs (K = 64 to 256, each timed faster); off for fp16 inputs
+    (+31% at K = 128) and fp32 operands (not timed)."""
     from flashdelta.triton.chunk import launch_config
 
-    for dtype, dim, on in [(torch.bfloat16, 128, True), (torch.bfloat16, 64, True), (torch.bfloat16, 256, False),
-                           (torch.float32, 128, False), (torch.float16, 128, False)]:
+    for dtype, dim, on in [(torch.bfloat16, 128, True), (torch.bfloat16, 64, True), (torch.bfloat16, 256, True),
+                           (torch.float32, 128, False), (torch.float16, 128, False), (torch.float16, 64, False)]:
         rec = launch_config(dtype, dim, dim, 1, 16, False)["recurrence"]
         assert rec["EARLY_QS"] == on and rec["FUSED_ACC"] == on, (dtype, dim)
+
+
+def test_fp16_operands_and_grams():
+    """fp16 inputs take bf16 split operands on the GPU and their grams in one fp16 product
+    (q, k exact in fp16); bf16 ones in bf16; fp32 ones split (3xTF32). Under the interpreter
+    the split products are fp32 (its bf16 products are wrong), the fp16 gram is kept (its fp16
+    products sum in fp32), so the interpreter runs the fp16 path's own gram."""
+    import triton.language as tl
+
+    from flashdelta.triton.chunk import launch_config
+    from flashdelta.triton.common import interpreting
+
+    for dtype, dot, gram in [(torch.bfloat16, tl.bfloat16, tl.bfloat16), (torch.float16, tl.bfloat16, tl.float16),
+                             (torch.float32, tl.float32, None)]:
+        cfg = launch_config(dtype, 128, 128, 1, 16, False)
+        if interpreting():
+            dot = tl.float32
+            gram = tl.float32 if dtype == torch.bfloat16 else gram
+        for kernel in ("inverse", "recurrence"):
+            assert cfg[kernel]["DOT"] == dot and cfg[kernel]["GRAM_DOT"] == gram, (dtype, kernel)
+        assert cfg["recurrence"]["K_EXACT"] == (dtype == torch.bfloat16)
 
 
 def test_chain_in_registers_only_where_timed():

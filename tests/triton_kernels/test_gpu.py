@@ -51,6 +51,28 @@ def test_adversarial_bf16_exactness(kind):
         assert err_s <= max(rel_l2(s_f, s_ref), 1e-6) * 1.05 or err_s <= 1e-5
 
 
+@pytest.mark.parametrize("kind", ["random", "near_identical_keys", "cyclic_keys", "strong_decay", "zero_decay",
+                                  "beta_0_2", "large_initial_state", "varlen", "l2norm_in_kernel"])
+def test_adversarial_fp16_exactness(kind):
+    """fp16 inputs (bf16 split operands, the grams in one fp16 product): o within 2.5x of its fp16
+    rounding (the floor), the state within 1e-3, no worse than FLA on the same inputs; bitwise
+    the same twice."""
+    case = make_case(kind, torch.float16, "cuda", seed=7, seq_len=1024, heads=2, value_heads=4, dk=128)
+    o_ref, s_ref = oracle(case)
+    floor = rel_l2(o_ref.to(torch.float16), o_ref)
+    runs = [fd.chunk_gated_delta_rule(*case.args(), output_final_state=True, backend="triton", **case.kwargs)
+            for _ in range(2)]
+    (o, s), (o2, s2) = runs
+    err_o, err_s = rel_l2(o, o_ref), rel_l2(s, s_ref)
+    assert err_o <= 2.5 * floor and err_s <= 1e-3, (err_o, floor, err_s)
+    assert torch.equal(o, o2) and torch.equal(s, s2)
+    fla = _fla()
+    if fla is not None:
+        o_f, s_f = fla(*case.args(), output_final_state=True, **case.kwargs)
+        assert err_o <= max(rel_l2(o_f, o_ref), floor) * 1.05
+        assert err_s <= max(rel_l2(s_f, s_ref), 1e-6) * 1.05 or err_s <= 1e-5
+
+
 @pytest.mark.parametrize("lead", [None, False, True, "adaptive"])
 @pytest.mark.parametrize("partition_chunks", [None, 4, 10**6])
 def test_bitwise_deterministic(partition_chunks, lead, monkeypatch):
