@@ -683,7 +683,7 @@ TUNING = {
     # with it at K = 128, the chain loads link j + 1's map and D during link j's products (8 warps,
     # None above: at 4 it spills 560 B offline, 200 registers at 8): bitwise the same starts; H100
     # chain 26-28 -> 20-21 us per partitioned call, bf16 (8 warps alone: 25-26; NOTES.md v5.6);
-    # fp16 / fp32 operands compile to 197 registers without spill (not timed)
+    # fp32 operands (fp32 inputs) compile to 197 registers without spill (not timed)
     "chain_prefetch": True,
     # pipeline stages of the output pass's tile loads; None: 2, or 1 at BV 64 where its grid
     # has more programs than SMs (1 stage lets two share an SM: -8 to -17% there, +15% at
@@ -1004,8 +1004,7 @@ def _launch_config(dtype, dk, dv, group, hv, use_qk_l2norm, many_programs, tunin
     bk = max(16, next_power_of_2(dk))
     bv = _block_v(dk, dv, tuning["block_v"])
     dot = dot_dtype(dtype)
-    exact = dtype == torch.bfloat16  # bf16 q/k/v tiles are exact tensor-core operands
-    k_exact = exact  # raw q, k with the norm folded too
+    exact = dtype == torch.bfloat16  # bf16 q/k/v tiles are exact tensor-core operands (the norm folded too)
     # the type q and k are exact in, for their grams (K K^T, Q K^T) as one product: fp16 inputs
     # take one fp16 product there, three split bf16 ones elsewhere (dot_dtype)
     if exact:
@@ -1032,7 +1031,7 @@ def _launch_config(dtype, dk, dv, group, hv, use_qk_l2norm, many_programs, tunin
                    BLOCK_MERGE=tuning["inverse_block_merge"] and tuning["inverse_blocked16"] and half,
                    num_warps=tuning["warps_inverse"], num_stages=min(fits, 2))
     recurrence = dict(HV=hv, GROUP=group, K=dk, V=dv, BK=bk, BV=bv, NVB=cdiv(dv, bv), L2NORM=use_qk_l2norm,
-                      K_EXACT=k_exact, GRAM_DOT=gram_dot, DOT=dot, PREC=prec, WHILE_LOOPS=interpret, TMA=tuning["tma"],
+                      K_EXACT=exact, GRAM_DOT=gram_dot, DOT=dot, PREC=prec, WHILE_LOOPS=interpret, TMA=tuning["tma"],
                       TMA_T=tuning["tma"] and tuning["tma_t"],
                       T_SPLIT=t_split, WARP_SPECIALIZE=tuning["warp_specialize"] and not interpret,
                       FUSED_ACC=tuning["fused_accumulate"] and reorder, EARLY_QS=tuning["early_qs"] and reorder,
