@@ -2,7 +2,9 @@
 
     compute-sanitizer --tool memcheck python benchmarks/sanitize_kernels.py
     compute-sanitizer --tool racecheck python benchmarks/sanitize_kernels.py
-    (options: --dim 256: the Triton passes, the in-kernel L2 norm folded there too;
+    (options: --dim 256: the Triton inverse and chain, on sm_90 the Gluon map, lead and output
+     passes at column blocks of 32 (else the Triton ones), the in-kernel L2 norm folded there too;
+     --dtype float16: the prefill's fp16 launches (split bf16 products, fp16 grams);
      --tuning block_v=32,stages=1)
 
 Covers the inverse (in Gluon on sm_90, bf16, K = 128: the default), map, chain, output and lead passes of the prefill (partitioned varlen, with
@@ -27,6 +29,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tuning", default="", help="prefill TUNING overrides, e.g. block_v=32,gluon_transposed=True")
     ap.add_argument("--dim", type=int, default=128, help="K = V (256: the prefill's BV 32 launch)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="q, k, v of the prefill and the token loop")
     opts = ap.parse_args()
     for item in filter(None, opts.tuning.split(",")):
         key, value = item.split("=")
@@ -36,13 +40,14 @@ def main():
             tc.TUNING[key] = value
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: run under TRITON_INTERPRET=1
+    dt = getattr(torch, opts.dtype)
     h, hv, d = 2, 4, opts.dim
     lens = [1, 70, 200]
     total = sum(lens)
     cu = torch.tensor([0, 1, 71, 271], device=dev)
-    q, k = (torch.randn(1, total, h, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
-    k = torch.nn.functional.normalize(k.float(), dim=-1).bfloat16()
-    v = torch.randn(1, total, hv, d, device=dev, dtype=torch.bfloat16)
+    q, k = (torch.randn(1, total, h, d, device=dev, dtype=dt) for _ in range(2))
+    k = torch.nn.functional.normalize(k.float(), dim=-1).to(dt)
+    v = torch.randn(1, total, hv, d, device=dev, dtype=dt)
     g = -torch.rand(1, total, hv, device=dev)
     beta = torch.rand(1, total, hv, device=dev)
     h0 = torch.randn(len(lens), hv, d, d, device=dev)
@@ -59,7 +64,7 @@ def main():
     # the in-kernel L2 norm, folded (raw q, k; with the lead pass): the inverse sums k's norms, the
     # output and lead passes q's from their q tiles (the next q fetched at the step's end)
     tc.TUNING["lead_partition"] = True
-    kr = torch.randn(1, total, h, d, device=dev, dtype=torch.bfloat16)
+    kr = torch.randn(1, total, h, d, device=dev, dtype=dt)
     on, sn = chunk_gated_delta_rule_fwd(q, kr, v, g, beta, d**-0.5, h0, True, cu, True, partition_chunks=1)
     tc.TUNING["lead_partition"] = lead
     on2, sn2 = fd.fused_recurrent_gated_delta_rule(q, kr, v, g, beta, initial_state=h0, output_final_state=True,
@@ -68,9 +73,9 @@ def main():
                                                    cu_seqlens=cu, backend="triton")
     o2, s2 = fd.fused_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
                                                  cu_seqlens=cu, backend="triton")
-    qd, kd = (torch.randn(2, 200, h, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
-    kd = torch.nn.functional.normalize(kd.float(), dim=-1).bfloat16()
-    vd = torch.randn(2, 200, hv, d, device=dev, dtype=torch.bfloat16)
+    qd, kd = (torch.randn(2, 200, h, d, device=dev, dtype=dt) for _ in range(2))
+    kd = torch.nn.functional.normalize(kd.float(), dim=-1).to(dt)
+    vd = torch.randn(2, 200, hv, d, device=dev, dtype=dt)
     gd, bd = -torch.rand(2, 200, hv, device=dev), torch.rand(2, 200, hv, device=dev)
     od, sd = chunk_gated_delta_rule_fwd(qd, kd, vd, gd, bd, d**-0.5, None, True, None, False, partition_chunks=100)
     od2, sd2 = fd.fused_recurrent_gated_delta_rule(qd, kd, vd, gd, bd, output_final_state=True, backend="triton")

@@ -140,12 +140,14 @@ def gpu_shapes(suite: str, quick: bool) -> list[Shape]:
             prefill.append(Shape("prefill", name, lens, h, hv, gate=gate, l2norm=True))
         prefill.append(Shape("prefill", "varlen 64K/8", _mixed_lengths(65536, 8), 16, 32, gate=gate, varlen=True,
                              l2norm=True))
-    # head dims other than 128 (the Gluon passes take K = 128 only): K = 64, K = V = 256 (the issue's
-    # bounds), and FLA's GatedDeltaNet layer (K = 256, V = 512, 6 heads at hidden size 2048), with
-    # the norm as that layer calls it
-    for name, h, dk, dv, l2norm in (("1x32K K64/V64", 16, 64, 64, False), ("1x32K K256/V256", 16, 256, 256, False),
-                                    ("1x32K K256/V512", 6, 256, 512, True)):
-        prefill.append(Shape("prefill", name, [32768], h, h, dk, dv, l2norm=l2norm))
+    # head dims other than 128: K = 64, K = V = 256 (the bounds), and FLA's GatedDeltaNet
+    # layer (K = 256, V = 512, 6 heads at hidden size 2048), with the norm as that layer calls it;
+    # under both gates (weak gates are where a partitioned call pays its maps)
+    for gate in ("strong", "weak"):
+        for name, h, dk, dv, l2norm in (("1x32K K64/V64", 16, 64, 64, False),
+                                        ("1x32K K256/V256", 16, 256, 256, False),
+                                        ("1x32K K256/V512", 6, 256, 512, True)):
+            prefill.append(Shape("prefill", name, [32768], h, h, dk, dv, gate=gate, l2norm=l2norm))
     for graph in (False, True):
         for batch in (1, 16, 64, 256):
             decode.append(Shape("decode", f"B={batch} T=1", [1] * batch, 16, 32, graph=graph))

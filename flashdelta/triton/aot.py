@@ -105,25 +105,27 @@ def prefill_kernels(dtype, dk: int, dv: int | None = None, arch: int = 90, l2nor
 
 
 def compile_gluon(fn, constexprs: dict, common: bool = True, arch: int = 90, **options):
-    """A Gluon kernel of chunk_sm90.py / inverse_sm90.py (bf16, K = 128) compiled as a launch
-    specialises it: `constexprs` beside the defaults (GROUP 2, K 128; with `common`, the
-    recurrence passes' HV, V and TUNING's choices); other arguments as a launch types them."""
+    """A Gluon kernel of chunk_sm90.py / inverse_sm90.py (bf16) compiled as a launch specialises
+    it: `constexprs` beside the defaults (GROUP 2, K 128; with `common`, the recurrence passes'
+    HV, V = K and TUNING's choices; q's and k's tiles K wide, v's and o's BV, default
+    chunk_sm90.BLOCK_V); other arguments as a launch types them."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from . import chunk_sm90 as g
 
+    dk, bv = constexprs.get("K", 128), constexprs.get("BV", g.BLOCK_V)
     tile = lambda cols: f"tensordesc<bf16[{g.CHUNK_SIZE},{cols}],{gl.NVMMASharedLayout.get_default_for([g.CHUNK_SIZE, cols], gl.bfloat16)!r}>"  # noqa: E731,E501
-    signature = {"q_desc": tile(128), "k_desc": tile(128), "v_desc": tile(g.BLOCK_V),
+    signature = {"q_desc": tile(dk), "k_desc": tile(dk), "v_desc": tile(bv),
                  "t_desc": tile(g.CHUNK_SIZE), "gcum_ptr": "*fp32", "o_ptr": "*bf16", "state_in_ptr": "*fp32",
                  "state_out_ptr": "*fp32", "map_d_ptr": "*fp32", "map_m_ptr": "*fp32", "part_ptr": "*i32",
                  "warm_ptr": "*i32", "scale": "fp32", "g_ptr": "*fp32", "beta_ptr": "*fp32", "t_ptr": "*bf16",
-                 "chunk_ptr": "*i32", "bound_ptr": "*fp32", "o_desc": tile(g.BLOCK_V), "q_ptr": "*bf16"}
+                 "chunk_ptr": "*i32", "bound_ptr": "*fp32", "o_desc": tile(bv), "q_ptr": "*bf16"}
     signature = {n: t for n, t in signature.items() if n in fn.arg_names}
     if common:  # the recurrence passes' constants
-        constexprs = dict(HV=32, V=128, PARTITIONED=True, PACKED_SPLIT=tc.TUNING["gluon_packed_split"],
+        constexprs = dict(HV=32, V=dk, PARTITIONED=True, PACKED_SPLIT=tc.TUNING["gluon_packed_split"],
                           SPLIT_QS=tc.TUNING["gluon_split_qs"], **constexprs)
-    constexprs = dict(GROUP=2, K=128, **constexprs)
+    constexprs = {"GROUP": 2, "K": 128, **constexprs}
     # constexpr parameters left out take their defaults, as at a launch (typed i32 they would
     # compile their branches at run time)
     constexprs.update({p.name: p.default for p in fn.params
@@ -135,6 +137,25 @@ def compile_gluon(fn, constexprs: dict, common: bool = True, arch: int = 90, **o
     src = GluonASTSource(fn=fn, signature=signature,
                          constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=g.NUM_WARPS, **options))
+
+
+def sm90_kernels_256(arch: int = 90):
+    """The Gluon passes at K = V = 256 (column blocks of chunk_sm90.BLOCK_V_256), as the K = 256
+    launches specialise them (after the Triton inverse: q's norms from gcum with the L2 norm)."""
+    from . import chunk_sm90 as g
+
+    build = functools.partial(compile_gluon, arch=arch)
+    shape = dict(K=256, BV=g.BLOCK_V_256)
+    out = dict(shape, MAP=False, HAS_STATE_IN=True, STORE_FINAL=True, WARM=False, warm_ptr=None,
+               WIDE_KS=tc.TUNING["gluon_wide_ks"], O_TMA=tc.TUNING["gluon_o_tma"],
+               **({} if tc.TUNING["gluon_o_tma"] else {"o_desc": None}))
+    yield "gluon output pass 256", build(g._recurrence_kernel, dict(out, MAY_BE_EMPTY=False))
+    yield "gluon lead pass 256", build(g._recurrence_kernel, dict(out, MAY_BE_EMPTY=True))
+    yield "gluon output pass 256, l2norm", build(g._recurrence_kernel, dict(out, MAY_BE_EMPTY=False, L2NORM=True))
+    warm = tc.TUNING["skip_negligible_maps"]
+    yield "gluon map pass 256", build(g._recurrence_kernel, dict(
+        shape, MAP=True, HAS_STATE_IN=False, STORE_FINAL=False, WARM=warm, MAY_BE_EMPTY=False, o_desc=None,
+        **({} if warm else {"warm_ptr": None})))
 
 
 def sm90_kernels(arch: int = 90):
@@ -219,8 +240,8 @@ def main():
                       flush=True)
         if dv != dim:
             continue
-        if dim == 128 and args.arch == 90:
-            for name, k in sm90_kernels(args.arch):
+        if dim in (128, 256) and args.arch == 90:
+            for name, k in (sm90_kernels if dim == 128 else sm90_kernels_256)(args.arch):
                 print(json.dumps({"kernel": name, "dtype": "bf16", "dim": dim, "shared": k.metadata.shared,
                                   "wgmma": k.asm["ptx"].count("wgmma.mma_async"), **registers(k)}), flush=True)
         for name, k in recurrent_kernels(dim, args.arch):

@@ -13,6 +13,8 @@ Three kernels, plus one for long sequences with few heads:
    o = scale (e^G Q S + (Q K^T o L) U), S <- e^{G_C} S + K^T (e^{G_C - G} U).
    In MAP mode it computes a partition's affine state map instead of outputs: the end
    state from a zero start (D, the V columns) and from start I with v = 0 (M, K columns).
+   On Hopper, bf16: in Gluon (`chunk_sm90._recurrence_kernel`): at K = 128 with the Gluon
+   inverse, at K = 256 (column blocks of 32) after the Triton inverse.
 3. `_chain_kernel`: the partition starts S_p = M_{p-1} S_{p-1} + D_{p-1}, per sequence.
 
 Partitioning is exact (no decay assumption); with one partition per sequence the map and
@@ -735,6 +737,11 @@ TUNING = {
     # Bitwise equal to the Triton passes; H100: output pass -32 to -35%, map pass -3 to -7%, calls
     # -15 to -24% (NOTES.md v4.7)
     "gluon_sm90": True,
+    # at K = 256 (bf16, sm_90), the output and lead passes in Gluon (chunk_sm90.output_supported:
+    # state column blocks of 32), the inverse, map pass and chain in Triton
+    "gluon_output_256": True,
+    # with it, the map pass in Gluon too (`chunk_sm90._recurrence_kernel` with MAP, column blocks of 32)
+    "gluon_map_256": True,
     # the Gluon passes form their hi + lo splits two elements at a time in inline PTX (the same
     # roundings, bitwise equal): H100 map pass -9%, output pass -13 to -18% (NOTES.md v4.8)
     "gluon_packed_split": True,
@@ -841,7 +848,8 @@ def auto_partition_chunks(chunk_counts: list[int], hv: int, nvb: int, device: to
     sequence when the sequences' programs already fill those slots, else the shortest
     partitions whose programs still fit in them (one wave), never below MIN_PARTITION_CHUNKS
     chunks (the map pass and the chain cost about as much as the output pass).
-    `programs_per_sm`: output programs one SM holds (1 for the Gluon pass, chunk_sm90)."""
+    `programs_per_sm`: output programs one SM holds (chunk_sm90.PROGRAMS_PER_SM at K = 128,
+    PROGRAMS_PER_SM_256 at K = 256, 2 for the Triton passes)."""
     longest = max(chunk_counts + [1])
     if device.type != "cuda":
         return longest  # CPU / interpreter: no parallelism to win
@@ -1092,7 +1100,8 @@ def _setup(q, k, v, seqs: tuple, use_qk_l2norm: bool, partition_chunks: int | No
     chunk_counts = [cdiv(e - s, CHUNK_SIZE) for _, s, e in seqs]
     longest = max(chunk_counts + [1])
     sm90 = TUNING["gluon_sm90"] and chunk_sm90 is not None and chunk_sm90.may_run(q, v)
-    per_sm_rule = chunk_sm90.PROGRAMS_PER_SM if sm90 else 2
+    sm90_256 = TUNING["gluon_output_256"] and chunk_sm90 is not None and chunk_sm90.may_run_256(q, v)
+    per_sm_rule = chunk_sm90.PROGRAMS_PER_SM if sm90 else (chunk_sm90.PROGRAMS_PER_SM_256 if sm90_256 else 2)
     lead = TUNING["lead_partition"]  # None: the model decides; True / False forces (A/B checks, tests)
     # "adaptive" (or None with the skip on): the GPU picks the lead plan or its empty-lead form
     adaptive = TUNING["skip_negligible_maps"] and lead in ("adaptive", None)
@@ -1122,7 +1131,9 @@ def _setup(q, k, v, seqs: tuple, use_qk_l2norm: bool, partition_chunks: int | No
     rec["TMA_T"] = rec["TMA"] and rec["TMA_T"]
     # (the folded L2 norm needs the Gluon inverse: it computes the norms and the folded beta)
     gluon = sm90 and chunk_sm90.supported(q, v, rec) and (TUNING["gluon_inverse"] or not use_qk_l2norm)
-    return plan, cfg, rec, gluon, nvb, adaptive
+    # the Gluon output pass alone (K = 256): the Triton inverse writes T_u and gcum as it reads them
+    gluon_out = sm90_256 and chunk_sm90.supported_256(q, v, rec)
+    return plan, cfg, rec, gluon, gluon_out, nvb, adaptive
 
 
 def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, output_final_state=False,
@@ -1158,7 +1169,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
         setup = _setup(q, k, v, seqs, use_qk_l2norm, partition_chunks)
         if sites is not None:
             sites["setup"] = setup
-    plan, cfg, rec, gluon, nvb, adaptive = setup
+    plan, cfg, rec, gluon, gluon_out, nvb, adaptive = setup
     o = out if out is not None else torch.empty(bsz, t_len, hv, dv, dtype=q.dtype, device=device)
     final = None
     if output_final_state:
@@ -1212,6 +1223,13 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
         tiles = (*descs[:3], gcum, descs[3] if rec["TMA_T"] else tinv, o)
     elif not gluon:
         tiles = (q, k, v, gcum, tinv, o)
+    if gluon_out:  # the Gluon output, lead (and map) passes at K = 256 on the Triton inverse's T_u and gcum
+        bv = rec["BV"]
+        o_tma = TUNING["gluon_o_tma"] and _tma_readable(o, dv, bv)
+        out_kw = dict(packed_split=TUNING["gluon_packed_split"], descs=chunk_sm90.descriptors(q, k, v, tinv, bv),
+                      sites=sites, device_index=device_index, l2norm=bool(use_qk_l2norm), block_v=bv,
+                      split_qs=TUNING["gluon_split_qs"], wide_ks=TUNING["gluon_wide_ks"],
+                      o_desc=chunk_sm90.descriptor(o, bv) if o_tma else None)
     state_in = h0
     partitioned = plan["partitioned"]
     if partitioned:
@@ -1244,6 +1262,9 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
                                        scale, hv, group, split_qs=TUNING["gluon_split_qs"], may_be_empty=adaptive,
                                        site="lead pass", transposed=TUNING["gluon_transposed"], o_desc=o_desc,
                                        wide_ks=TUNING["gluon_wide_ks"], q_norms=q_norms_out, **gluon_kw)
+            elif gluon_out:
+                chunk_sm90.output_pass(q, k, v, gcum, tinv, o, h0, starts, leads, plan["num_leads"], True,
+                                       scale, hv, group, may_be_empty=adaptive, site="lead pass", **out_kw)
             else:
                 run("lead pass", _recurrence_kernel, (plan["num_leads"] * hv * nvb,),
                     *tiles, h0, starts, None, None, leads, None, *strides, scale, t_len,
@@ -1252,6 +1273,11 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
             if plan["num_maps"] and gluon:
                 chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, plan["num_maps"], hv, group,
                                     warm=warm_table, transposed=TUNING["gluon_map_transposed"], **gluon_kw)
+            elif plan["num_maps"] and gluon_out and TUNING["gluon_map_256"]:
+                out_map = {key: out_kw[key] for key in ("packed_split", "descs", "sites", "device_index", "l2norm",
+                                                         "block_v")}
+                chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, plan["num_maps"], hv, group,
+                                    warm=warm_table, **out_map)
             elif plan["num_maps"]:
                 run("map pass", _recurrence_kernel, (plan["num_maps"] * hv * (nvb + cfg["nkb"]),),
                     *tiles, None, None, map_d, map_m, maps, warm_table, *strides, scale, t_len,
@@ -1270,6 +1296,10 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
                                partitioned, scale, hv, group, split_qs=TUNING["gluon_split_qs"], site="output pass",
                                transposed=TUNING["gluon_transposed"], o_desc=o_desc,
                                wide_ks=TUNING["gluon_wide_ks"], q_norms=q_norms_out, **gluon_kw)
+        return o, final
+    if gluon_out:
+        chunk_sm90.output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, plan["num_parts"], partitioned,
+                               scale, hv, group, **out_kw)
         return o, final
     run("output pass", _recurrence_kernel, (plan["num_parts"] * hv * nvb,),
         *tiles, state_in, final, None, None, parts, None, *strides, scale, t_len,

@@ -18,7 +18,11 @@ state's products run before o's, so the next state's pair is formed while o's ru
 map pass -9%, output pass -13 to -18% more).
 
 Scope (`supported`): bf16 q, k, v (k, q exact tensor-core operands), K = 128, V a multiple of
-64, T_u as a bf16 hi + lo pair, TMA-readable layouts.
+64, T_u as a bf16 hi + lo pair, TMA-readable layouts. At K = 256 (`supported_256`, v5.12) the
+output, lead and map passes run with state column blocks of 32 (BV) after the Triton inverse
+(which writes T_u and the gate sums in the same layouts): no spill, one program per SM (156 KB;
+the map pass 119 KB). H100, 1x32K 16 heads: 3.10 -> 1.83 ms against the Triton passes (FLA
+2.52), the map pass bitwise the Triton one's.
 
 The in-kernel L2 norm (L2NORM) is folded, not applied: with n_t = sqrt(|k_t|^2 + eps), the
 normalised token's update e^g (I - beta k^ k^T) S + beta k^ v^T (k^ = k / n) is exactly
@@ -148,11 +152,13 @@ def _recurrence_kernel(
     HAS_STATE_IN: gl.constexpr, PARTITIONED: gl.constexpr, STORE_FINAL: gl.constexpr,
     PACKED_SPLIT: gl.constexpr = True, SPLIT_QS: gl.constexpr = True, WARM: gl.constexpr = False,
     MAY_BE_EMPTY: gl.constexpr = False, O_TMA: gl.constexpr = False, WIDE_KS: gl.constexpr = False,
-    L2NORM: gl.constexpr = False, Q_NORMS: gl.constexpr = False,
+    L2NORM: gl.constexpr = False, Q_NORMS: gl.constexpr = False, BV: gl.constexpr = 64,
 ):
-    """Grid (partitions x HV x V / 64), or (maps x HV x (V / 64 + K / 64)) when MAP (column
-    blocks past V / 64 are M's), flattened with the row slowest. q/k/v_desc: [B * T, heads * dim]
-    views, tiles [64, K], [64, K], [64, 64]; t_desc: T_u as [B * T, 2 HV * 64] (hi of head h at 2h, lo at 2h + 1).
+    """Grid (partitions x HV x V / BV), or (maps x HV x (V / BV + K / BV)) when MAP (column
+    blocks past V / BV are M's), flattened with the row slowest; BV 64 at K = 128, 32 at K = 256
+    (the X and U pairs take rows 0-127 of the state pair's [K, BV] tiles: K >= 128). q/k/v_desc:
+    [B * T, heads * dim] views, tiles [64, K], [64, K], [64, BV]; t_desc: T_u as
+    [B * T, 2 HV * 64] (hi of head h at 2h, lo at 2h + 1).
     part_ptr rows: (b, t_start, t_end, seq, slot, is_last) as `chunk._plan`. WARM (MAP):
     `chunk._warm_start_kernel`'s table at warm_ptr: where D's run starts, whether M is
     negligible (then 0, and nothing is fetched). MAY_BE_EMPTY: rows may have no chunk (the
@@ -166,12 +172,15 @@ def _recurrence_kernel(
     rows times gcum's NORM_K, o's times 1 / |q_t|: summed from q's tile with Q_NORMS (while the
     state's and o's products run; the next q is fetched after it: v5.9), else gcum's NORM_Q."""
     C: gl.constexpr = 64
-    BV: gl.constexpr = 64
     NVB: gl.constexpr = V // BV
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BV, 16])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
     row_l: gl.constexpr = gl.SliceLayout(1, acc_l)
     col_l: gl.constexpr = gl.SliceLayout(0, acc_l)
+    # [C, C] tiles (Q K^T and A): acc_l itself where BV = C
+    accc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, C, 16])
+    rowc_l: gl.constexpr = gl.SliceLayout(1, accc_l)
+    colc_l: gl.constexpr = gl.SliceLayout(0, accc_l)
     s_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([K, BV], gl.bfloat16)
     s2_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([K, 2 * BV], gl.bfloat16)
     acc2_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 2 * BV, 16])
@@ -230,8 +239,10 @@ def _recurrence_kernel(
 
     rk = gl.arange(0, K, layout=row_l)
     rt = gl.arange(0, C, layout=row_l)
-    ct = gl.arange(0, C, layout=col_l)
-    cv = c0 + gl.arange(0, BV, layout=col_l)
+    cb = gl.arange(0, BV, layout=col_l)
+    cv = c0 + cb
+    rtc = gl.arange(0, C, layout=rowc_l)
+    ctc = gl.arange(0, C, layout=colc_l)
     if MAP:
         state = gl.where(run_m & (rk[:, None] == cv[None, :]), 1.0, 0.0)
     elif HAS_STATE_IN:
@@ -347,12 +358,15 @@ def _recurrence_kernel(
         if MAP:
             u = warpgroup_mma_wait(num_outstanding=0, deps=(u,))
         else:
-            qk = warpgroup_mma(q_smem, k_cur.permute((1, 0)), zero, use_acc=False, is_async=True)
+            qk = warpgroup_mma(q_smem, k_cur.permute((1, 0)), gl.zeros([C, C], gl.float32, accc_l), use_acc=False,
+                               is_async=True)
             u = warpgroup_mma_wait(num_outstanding=1, deps=(u,))
             # the gates by column, for the decay of Q K^T: a shuffle of the row gates (two
             # [64] loads per column would hold 64 addresses per thread)
-            g_hi_c = gl.convert_layout(g_hi, col_l)
-            g_lo_c = gl.convert_layout(g_lo, col_l)
+            g_hi_c = gl.convert_layout(g_hi, colc_l)
+            g_lo_c = gl.convert_layout(g_lo, colc_l)
+            g_hi_r = gl.convert_layout(g_hi, rowc_l)
+            g_lo_r = gl.convert_layout(g_lo, rowc_l)
         gl.thread_barrier()  # T_u and X are read: fetch the next chunk's T_u
         _issue_pair(t_desc, row + C, col_th, col_tl, bar_t, th_smem, tl_smem, more)
         # rows past the chunk's tokens are zero (TMA reads the next sequence's rows there)
@@ -381,8 +395,8 @@ def _recurrence_kernel(
             if not Q_NORMS:  # (else q's tile is read once more below)
                 gl.thread_barrier()  # q is read: fetch the next chunk's
                 _issue(q_desc, row + C, col_k, bar_q, q_smem, more)
-            diff = (g_hi[:, None] - g_hi_c[None, :]) + (g_lo[:, None] - g_lo_c[None, :])
-            a = qk * gl.exp2(gl.where(rt[:, None] >= ct[None, :], diff, float("-inf")))
+            diff = (g_hi_r[:, None] - g_hi_c[None, :]) + (g_lo_r[:, None] - g_lo_c[None, :])
+            a = qk * gl.exp2(gl.where(rtc[:, None] >= ctc[None, :], diff, float("-inf")))
             a_hi, a_lo = _hi_lo(a, PACKED_SPLIT)
             a_hi = gl.convert_layout(a_hi, a_l)
             a_lo = gl.convert_layout(a_lo, a_l)
@@ -411,9 +425,9 @@ def _recurrence_kernel(
                 if n == C:
                     o_all.index(z).store(o_out)  # (stored below, after the fence)
                 else:
-                    gl.store(o_base + (rt * s_ot)[:, None] + ct[None, :], o_out, mask=(rt < n)[:, None])
+                    gl.store(o_base + (rt * s_ot)[:, None] + cb[None, :], o_out, mask=(rt < n)[:, None])
             else:
-                gl.store(o_base + (rt * s_ot)[:, None] + ct[None, :], o_out, mask=(rt < n)[:, None])
+                gl.store(o_base + (rt * s_ot)[:, None] + cb[None, :], o_out, mask=(rt < n)[:, None])
         gl.thread_barrier()  # the state pair's rows are read: the next state's pair replaces them
         if not MAP:
             if Q_NORMS:  # (q's tile is read: fetch the next chunk's)
@@ -826,6 +840,27 @@ def may_run(q: torch.Tensor, v: torch.Tensor) -> bool:
             and q.shape[3] == 128 and v.shape[3] % BLOCK_V == 0)
 
 
+# The output and map passes at K = 256 after the Triton inverse (`supported_256`): state column
+# blocks of 32 (the state's [256, 32] fp32 tile is 64 registers); one program per SM (output
+# pass 156 KB of shared memory, map pass 119 KB), which the partition rule is told
+BLOCK_V_256 = 32
+PROGRAMS_PER_SM_256 = 1
+
+
+def may_run_256(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the K = 256 launches cover these inputs (before the layout checks of `supported_256`)."""
+    return (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0) and q.dtype == torch.bfloat16
+            and q.shape[3] == 256 and v.shape[3] % BLOCK_V_256 == 0)
+
+
+def supported_256(q: torch.Tensor, v: torch.Tensor, rec: dict) -> bool:
+    """Whether `output_pass` and `map_pass` (block_v = rec["BV"]) cover the launch `rec` at
+    K = 256: bf16 on sm_90, the Triton inverse's T_u pair and gcum fields (the layouts these
+    passes read at K = 128 too), TMA-readable tiles."""
+    return (may_run_256(q, v) and rec["BK"] == 256 and rec["BV"] == BLOCK_V_256 and rec["K_EXACT"]
+            and rec["T_SPLIT"] and rec["TMA"] and rec["TMA_T"])
+
+
 def supported(q: torch.Tensor, v: torch.Tensor, rec: dict) -> bool:
     """Whether these kernels cover the launch `rec` (chunk.launch_config's recurrence dict, TMA
     already decided) on q's device."""
@@ -848,21 +883,23 @@ def descriptor(x: torch.Tensor, cols: int) -> TensorDescriptor:
     return TensorDescriptor(x, [bsz * t_len, heads * d], [x.stride(1), 1], [CHUNK_SIZE, cols], _tile_layout(cols))
 
 
-def descriptors(q, k, v, tinv) -> tuple:
-    """The four tile descriptors both passes read (q, k, v, T_u's pair), built once per call."""
+def descriptors(q, k, v, tinv, block_v: int = BLOCK_V) -> tuple:
+    """The four tile descriptors both passes read (q, k, v, T_u's pair), built once per call;
+    v's tiles [64, block_v]."""
     dk = q.shape[3]
-    return descriptor(q, dk), descriptor(k, dk), descriptor(v, BLOCK_V), descriptor(tinv, CHUNK_SIZE)
+    return descriptor(q, dk), descriptor(k, dk), descriptor(v, block_v), descriptor(tinv, CHUNK_SIZE)
 
 
 def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps: int, hv: int, group: int,
              packed_split: bool = True, descs=None, warm=None, sites=None, device_index: int = 0,
-             transposed: bool = False, l2norm: bool = False):
+             transposed: bool = False, l2norm: bool = False, block_v: int = BLOCK_V):
     """The affine state map (M, D) of each partition in `maps` but the last of a sequence:
     map_d [maps, HV, K, V], map_m [maps, HV, K, K] are written. `descs`: `descriptors(q, k,
     v, tinv)` when the caller has them. `warm`: chunk._warm_start_kernel's table, or None
     (every map in full). `sites`: the call layout's compiled kernels (`launch.launch`).
     `transposed`: `_map_kernel_t` (the same maps, bitwise) instead of `_recurrence_kernel`.
-    `l2norm`: the in-kernel L2 norm, folded (gcum's four fields, module doc)."""
+    `l2norm`: the in-kernel L2 norm, folded (gcum's four fields, module doc). `block_v`: the
+    state's column block (`_recurrence_kernel` only; `descs` with v's tiles that wide)."""
     dk, dv = q.shape[3], v.shape[3]
     if transposed:
         launch(sites, "map pass", _map_kernel_t, (num_maps * hv * (dv // BLOCK_V + dk // BLOCK_V),), (
@@ -870,19 +907,22 @@ def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps: int, hv: int, gr
             q.shape[1]), dict(HV=hv, GROUP=group, K=dk, V=dv, PACKED_SPLIT=packed_split, WARM=warm is not None,
                               L2NORM=l2norm, num_warps=NUM_WARPS), device_index)
         return
-    launch(sites, "map pass", _recurrence_kernel, (num_maps * hv * (dv // BLOCK_V + dk // BLOCK_V),), (
-        *(descs or descriptors(q, k, v, tinv)), gcum, None, None, None, map_d, map_m, maps, warm, *gcum.stride()[:3],
-        0, 0, 0, 1.0, q.shape[1], None), dict(
+    launch(sites, "map pass", _recurrence_kernel, (num_maps * hv * (dv // block_v + dk // block_v),), (
+        *(descs or descriptors(q, k, v, tinv, block_v)), gcum, None, None, None, map_d, map_m, maps, warm,
+        *gcum.stride()[:3], 0, 0, 0, 1.0, q.shape[1], None), dict(
         HV=hv, GROUP=group, K=dk, V=dv, MAP=True, HAS_STATE_IN=False, PARTITIONED=True, STORE_FINAL=False,
-        PACKED_SPLIT=packed_split, WARM=warm is not None, L2NORM=l2norm, num_warps=NUM_WARPS), device_index)
+        PACKED_SPLIT=packed_split, WARM=warm is not None, L2NORM=l2norm, BV=block_v, num_warps=NUM_WARPS),
+        device_index)
 
 
 def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts: int, partitioned: bool, scale: float,
                 hv: int, group: int, packed_split: bool = True, descs=None, split_qs: bool = True,
                 may_be_empty: bool = False, sites=None, device_index: int = 0, site: str = "output pass",
                 transposed: bool = False, o_desc=None, wide_ks: bool = True, l2norm: bool = False,
-                q_norms: bool = False):
-    """Launch over `num_parts` partitions (rows of `parts`); o and final are written. `descs`:
+                q_norms: bool = False, block_v: int = BLOCK_V):
+    """Launch over `num_parts` partitions (rows of `parts`); o and final are written. `block_v`:
+    the state's column block (BLOCK_V_256 at K = 256; `descs` and `o_desc` with v's and o's tiles
+    that wide). `descs`:
     `descriptors(q, k, v, tinv)` when the caller has them. `may_be_empty`: rows of no chunk
     may come (they store their start state as the final one). `sites`, `site`: the call
     layout's compiled kernels and this launch's name in them (`launch.launch`). `transposed`:
@@ -900,10 +940,10 @@ def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts: int, 
             STORE_FINAL=final is not None, PACKED_SPLIT=packed_split, SPLIT_QS=split_qs, MAY_BE_EMPTY=may_be_empty,
             num_warps=NUM_WARPS), device_index)
         return
-    launch(sites, site, _recurrence_kernel, (num_parts * hv * (dv // BLOCK_V),), (
-        *(descs or descriptors(q, k, v, tinv)), gcum, o, state_in, final, None, None, parts, None, *gcum.stride()[:3],
-        *o.stride()[:3], scale, q.shape[1], o_desc), dict(
+    launch(sites, site, _recurrence_kernel, (num_parts * hv * (dv // block_v),), (
+        *(descs or descriptors(q, k, v, tinv, block_v)), gcum, o, state_in, final, None, None, parts, None,
+        *gcum.stride()[:3], *o.stride()[:3], scale, q.shape[1], o_desc), dict(
         HV=hv, GROUP=group, K=dk, V=dv, MAP=False, HAS_STATE_IN=state_in is not None, PARTITIONED=partitioned,
         STORE_FINAL=final is not None, PACKED_SPLIT=packed_split, SPLIT_QS=split_qs, MAY_BE_EMPTY=may_be_empty,
-        O_TMA=o_desc is not None, WIDE_KS=wide_ks, L2NORM=l2norm, Q_NORMS=l2norm and q_norms, num_warps=NUM_WARPS),
-        device_index)
+        O_TMA=o_desc is not None, WIDE_KS=wide_ks, L2NORM=l2norm, Q_NORMS=l2norm and q_norms, BV=block_v,
+        num_warps=NUM_WARPS), device_index)

@@ -265,6 +265,67 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, 
         assert inv["decay_bound"] == ("map" in calls and tc.TUNING["skip_negligible_maps"])
 
 
+@pytest.mark.parametrize("partition_chunks, l2norm", [(1, False), (None, False), (1, True)])
+def test_prefill_routes_k256_to_gluon_passes(monkeypatch, partition_chunks, l2norm, device):
+    """At K = 256 (forced here, wherever the test runs: chunk_sm90.supported_256) the Triton inverse
+    runs and the Gluon output, lead and map passes get its T_u pair and gate sums (with the norm:
+    all four fields, q's norm read from them, not summed), column blocks of 32: v's and o's
+    descriptors 32 wide, and the map pass the same descriptors. With TUNING["gluon_map_256"] off
+    the Triton map pass runs instead."""
+    calls = {"map": 0}
+
+    def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps, hv, group, packed_split, descs, warm,
+                 sites=None, device_index=0, l2norm=False, block_v=64):
+        calls["map"] += 1
+        calls["map_args"] = dict(descs=descs, block_v=block_v, l2norm=l2norm, map_d=map_d.shape, map_m=map_m.shape,
+                                 tinv=(tinv.shape, tinv.dtype), gcum=gcum.shape)
+        map_d.zero_()
+        map_m.zero_()
+
+    def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts, partitioned, scale, hv, group,
+                    packed_split, descs, split_qs, sites=None, device_index=0, site="output pass", o_desc=None,
+                    wide_ks=True, l2norm=False, block_v=64, may_be_empty=False):
+        calls.setdefault("sites", []).append(site)
+        calls["out"] = dict(descs=descs, o_desc=o_desc, block_v=block_v, l2norm=l2norm, split_qs=split_qs,
+                            wide_ks=wide_ks, gcum=gcum.shape, tinv=(tinv.shape, tinv.dtype), partitioned=partitioned,
+                            state_in=None if state_in is None else state_in.shape)
+        o.zero_()
+        final.zero_()
+
+    def gluon_inverse(*args, **kwargs):
+        pytest.fail("the Gluon inverse at K = 256")
+
+    monkeypatch.setattr(chunk_sm90, "may_run_256", lambda q, v: True)
+    monkeypatch.setattr(chunk_sm90, "supported_256", lambda q, v, rec: True)
+    monkeypatch.setattr(inverse_sm90, "inverse", gluon_inverse)
+    monkeypatch.setattr(chunk_sm90, "map_pass", map_pass)
+    monkeypatch.setattr(chunk_sm90, "output_pass", output_pass)
+    case = make_case("random", torch.bfloat16, device, seed=2, seq_len=200, heads=2, value_heads=4, dk=256)
+    q, k, v, g, beta = case.args()
+    o, s = tc.chunk_gated_delta_rule_fwd(q, k, v, g, beta, 0.0625, None, True, None, l2norm,
+                                         partition_chunks=partition_chunks)
+    bsz, t_len = q.shape[:2]
+    out = calls["out"]
+    assert out["block_v"] == chunk_sm90.BLOCK_V_256 == 32 and out["l2norm"] is l2norm
+    assert out["split_qs"] is tc.TUNING["gluon_split_qs"] and out["wide_ks"] is tc.TUNING["gluon_wide_ks"]
+    descs = out["descs"]
+    assert [d.base for d in descs[:3]] == [q, k, v] and descs[3].base.shape == (bsz, t_len, 8, 64)
+    assert [list(d.block_shape) for d in descs] == [[64, 256], [64, 256], [64, 32], [64, 64]]
+    assert out["tinv"] == ((bsz, t_len, 8, 64), torch.bfloat16) and out["gcum"] == (bsz, t_len, 4, 4 if l2norm else 2)
+    if tc.TUNING["gluon_o_tma"]:
+        assert out["o_desc"].base is o and list(out["o_desc"].block_shape) == [64, 32]
+    if partition_chunks == 1:  # 4 partitions per sequence: maps, and the output pass from the chain's starts
+        assert calls["map"] == 1 and calls["map_args"]["descs"] is descs and calls["map_args"]["block_v"] == 32
+        assert calls["map_args"]["map_m"] == (3 * bsz, 4, 256, 256) and calls["map_args"]["l2norm"] is l2norm
+        assert out["partitioned"] and out["state_in"] == (4 * bsz, 4, 256, 256)
+        monkeypatch.setitem(tc.TUNING, "gluon_map_256", False)  # the Triton map pass (runs here, interpreted)
+        tc.chunk_gated_delta_rule_fwd(q, k, v, g, beta, 0.0625, None, True, None, l2norm, partition_chunks=1)
+        assert calls["map"] == 1
+    else:
+        assert calls["map"] == 0 and not out["partitioned"] and out["state_in"] is None
+    assert set(calls["sites"]) <= {"output pass", "lead pass"}
+
+
 def test_inverse_chunks_per_program():
     """Each Gluon inverse program runs several chunks in turn, as many as finish the grid first
     in whole waves of `slots` programs (a program's first chunk costing a little more); never

@@ -26,15 +26,18 @@ def test_all_kernels_fit_in_shared_memory():
     # before the norm was folded, and only a GPU run showed it), 2 token-loop kernels; + the Gluon
     # passes (output, lead: rows may be empty, map, the transposed output and map passes) and the Gluon
     # inverse with and without the bounds (bf16, K = 128); the output, lead and transposed map passes
-    # and the inverse with the folded L2 norm. (V = 512 at K = 256 takes the same tiles: BV = 32.)
-    assert len(rows) == 2 * (2 * 7 + 3 * 3 + 2) + 7 + 4
+    # and the inverse with the folded L2 norm; at K = 256 the Gluon output, lead and map passes and the
+    # output pass with the folded norm. (V = 512 at K = 256 takes the same tiles: BV = 32.)
+    assert len(rows) == 2 * (2 * 7 + 3 * 3 + 2) + 7 + 4 + 4
     too_big = [r for r in rows if r["shared"] > SHARED_LIMIT]
     assert not too_big, too_big
     # the prefill's tensor-core products are Hopper's wgmma, not the older mma.sync path
     assert all(r["wgmma"] > 0 for r in rows if r["kernel"] in ("output pass", "gluon output pass", "gluon map pass",
                                                                   "gluon transposed output pass",
-                                                                  "gluon transposed map pass", "gluon inverse"))
+                                                                  "gluon transposed map pass", "gluon inverse",
+                                                                  "gluon output pass 256", "gluon map pass 256"))
     assert [r["dim"] for r in rows if r["kernel"] == "gluon output pass"] == [128]
+    assert [r["dim"] for r in rows if r["kernel"] == "gluon output pass 256"] == [256]
 
 
 def test_gluon_passes_fit_two_per_sm_without_hoisted_descriptors():
@@ -76,6 +79,30 @@ def test_gluon_passes_fit_two_per_sm_without_hoisted_descriptors():
         # the transposed output pass (off by default) holds its pairs as register operands: 224 B
         # in v5.2, 16 B since v5.6 re-reads its column gates from shared memory (NOTES.md)
         assert rows["gluon transposed output pass"]["stack"] <= 64, rows
+
+
+def test_gluon_passes_k256_one_per_sm_without_spill():
+    """At K = 256 the Gluon output, lead and map passes (column blocks of 32: the state's fp32
+    tile is 64 registers) compile without spill (the Triton output pass there: 192 B of spill at
+    202 KB) and fit one program per SM, as the partition rule is told (chunk_sm90.PROGRAMS_PER_SM_256:
+    the rule at two programs per SM split 1x32K 16-head calls in two, 1.6x slower under weak gates)."""
+    from flashdelta.triton import chunk_sm90
+
+    assert chunk_sm90.PROGRAMS_PER_SM_256 == 1 and chunk_sm90.BLOCK_V_256 == 32
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json; from flashdelta.triton import aot\n"
+            "for name, k in aot.sm90_kernels_256():\n"
+            "    print(json.dumps(dict(kernel=name, shared=k.metadata.shared, **aot.registers(k))))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {r["kernel"]: r for r in map(json.loads, res.stdout.splitlines())}
+    assert set(rows) == {"gluon output pass 256", "gluon lead pass 256", "gluon output pass 256, l2norm",
+                         "gluon map pass 256"}
+    for r in rows.values():
+        assert 233472 // (r["shared"] + 1024) == chunk_sm90.PROGRAMS_PER_SM_256, r  # 228 KB per SM, 1 KB per block
+        if "registers" in r:
+            # (the folded norm's 1 / |q_t| load from gcum: 8 B)
+            assert r["registers"] <= 255 and r["stack"] <= (8 if "l2norm" in r["kernel"] else 0), r
 
 
 def test_gluon_inverse_fits_four_per_sm():
