@@ -2,8 +2,8 @@
 
     compute-sanitizer --tool memcheck python benchmarks/sanitize_kernels.py
     compute-sanitizer --tool racecheck python benchmarks/sanitize_kernels.py
-    (options: --dim 256: the Triton inverse and chain, on sm_90 the Gluon map, lead and output
-     passes at column blocks of 32 (else the Triton ones), the in-kernel L2 norm folded there too;
+    (options: --dim 256: on sm_90 the Gluon inverse and map, lead and output passes at column
+     blocks of 32 (else the Triton ones), the in-kernel L2 norm folded there too;
      --dtype float16: the prefill's fp16 launches (split bf16 products, fp16 grams);
      --tuning block_v=32,stages=1)
 

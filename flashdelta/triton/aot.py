@@ -156,12 +156,12 @@ def sm90_kernels_256(arch: int = 90):
     yield "gluon map pass 256", build(g._recurrence_kernel, dict(
         shape, MAP=True, HAS_STATE_IN=False, STORE_FINAL=False, WARM=warm, MAY_BE_EMPTY=False, o_desc=None,
         **({} if warm else {"warm_ptr": None})))
+    yield from _gluon_inverses(arch, 256, " 256")
 
 
 def sm90_kernels(arch: int = 90):
     """The Gluon kernels (chunk_sm90.py, inverse_sm90.py: bf16, K = 128), as a launch specialises them."""
     from . import chunk_sm90 as g
-    from . import inverse_sm90 as inv
 
     build = functools.partial(compile_gluon, arch=arch)
 
@@ -189,15 +189,21 @@ def sm90_kernels(arch: int = 90):
         yield "gluon transposed map pass" + suffix, build(g._map_kernel_t, dict(
             HV=32, V=128, PACKED_SPLIT=tc.TUNING["gluon_packed_split"], WARM=warm, L2NORM=l2norm,
             **({} if warm else {"warm_ptr": None})), common=False)
-    # the inverse (inverse_sm90.py), with and without the map-norm bounds
+    yield from _gluon_inverses(arch, 128, "")
+
+
+def _gluon_inverses(arch: int, dk: int, suffix: str):
+    """The Gluon inverse (inverse_sm90.py) at K = dk, with and without the map-norm bounds and the norm."""
+    from . import inverse_sm90 as inv
+
     for name, bound, l2norm in (("gluon inverse", False, False), ("gluon inverse, map bounds", True, False),
                                 ("gluon inverse, map bounds, l2norm", True, True)):
         t_tma = tc.TUNING["gluon_inverse_tma"]
         q_norms = l2norm and tc.TUNING["gluon_q_norms"] == "inverse"
-        yield name, build(inv._inverse_kernel, dict(DECAY_BOUND=bound, T_TMA=t_tma, L2NORM=l2norm, Q_NORMS=q_norms,
-                                                    **({} if t_tma else {"t_desc": None}),
-                                                    **({} if q_norms else {"q_ptr": None})), common=False,
-                                  maxnreg=inv.MAX_REGISTERS)
+        name = name.replace("gluon inverse", "gluon inverse" + suffix)
+        yield name, compile_gluon(inv._inverse_kernel, dict(
+            K=dk, DECAY_BOUND=bound, T_TMA=t_tma, L2NORM=l2norm, Q_NORMS=q_norms, **({} if t_tma else {"t_desc": None}),
+            **({} if q_norms else {"q_ptr": None})), common=False, arch=arch, maxnreg=inv.MAX_REGISTERS)
 
 
 def registers(kernel) -> dict:

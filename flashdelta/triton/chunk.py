@@ -13,8 +13,8 @@ Three kernels, plus one for long sequences with few heads:
    o = scale (e^G Q S + (Q K^T o L) U), S <- e^{G_C} S + K^T (e^{G_C - G} U).
    In MAP mode it computes a partition's affine state map instead of outputs: the end
    state from a zero start (D, the V columns) and from start I with v = 0 (M, K columns).
-   On Hopper, bf16: in Gluon (`chunk_sm90._recurrence_kernel`): at K = 128 with the Gluon
-   inverse, at K = 256 (column blocks of 32) after the Triton inverse.
+   On Hopper, bf16: in Gluon (`chunk_sm90._recurrence_kernel`), at K = 128 and, with column
+   blocks of 32, K = 256.
 3. `_chain_kernel`: the partition starts S_p = M_{p-1} S_{p-1} + D_{p-1}, per sequence.
 
 Partitioning is exact (no decay assumption); with one partition per sequence the map and
@@ -737,8 +737,9 @@ TUNING = {
     # Bitwise equal to the Triton passes; H100: output pass -32 to -35%, map pass -3 to -7%, calls
     # -15 to -24% (NOTES.md v4.7)
     "gluon_sm90": True,
-    # at K = 256 (bf16, sm_90), the output and lead passes in Gluon (chunk_sm90.output_supported:
-    # state column blocks of 32), the inverse, map pass and chain in Triton
+    # at K = 256 (bf16, sm_90), the output and lead passes in Gluon (chunk_sm90.supported_256: state
+    # column blocks of 32; the inverse in Gluon with "gluon_inverse", the chain in Triton). H100,
+    # 1x32K 16/16: 3.10 -> 2.03 ms (NOTES.md v5.12)
     "gluon_output_256": True,
     # with it, the map pass in Gluon too (`chunk_sm90._recurrence_kernel` with MAP, column blocks of 32)
     "gluon_map_256": True,
@@ -768,7 +769,7 @@ TUNING = {
     # the inverse in Gluon where the Gluon passes run (inverse_sm90.py: each warp owns 16 rows
     # of every tile, the small products as mma.sync on register first operands; T_u within
     # 2e-7 of the Triton kernel's). H100: inverse -35 to -38%, kernels per call -7 to -12%
-    # (NOTES.md v5.3); False: the Triton inverse (A/B checks)
+    # (NOTES.md v5.3); at K = 256 too, two programs per SM (v5.12); False: the Triton inverse (A/B checks)
     "gluon_inverse": True,
     # where the folded L2 norm's 1 / |q_t| is summed: "output", the output and lead passes from
     # the q tile they hold (q read from HBM once), or "inverse", plain loads there (v5.8). H100,
@@ -813,11 +814,12 @@ def map_pass_slots(device: torch.device) -> int:
     return 2 * _sms(device)
 
 
-def inverse_slots(device: torch.device) -> int:
-    """Gluon inverse programs that run at once: four per SM (54 KB, 128 registers); 0 off CUDA."""
+def inverse_slots(device: torch.device, dk: int = 128) -> int:
+    """Gluon inverse programs that run at once: four per SM at K = 128 (54 KB, 128 registers), two
+    at K = 256 (87 KB); 0 off CUDA."""
     if device.type != "cuda":
         return 0
-    return inverse_sm90.PROGRAMS_PER_SM * _sms(device)
+    return (inverse_sm90.PROGRAMS_PER_SM if dk <= 128 else inverse_sm90.PROGRAMS_PER_SM_256) * _sms(device)
 
 
 def _side_stream(device: torch.device):
@@ -1131,7 +1133,7 @@ def _setup(q, k, v, seqs: tuple, use_qk_l2norm: bool, partition_chunks: int | No
     rec["TMA_T"] = rec["TMA"] and rec["TMA_T"]
     # (the folded L2 norm needs the Gluon inverse: it computes the norms and the folded beta)
     gluon = sm90 and chunk_sm90.supported(q, v, rec) and (TUNING["gluon_inverse"] or not use_qk_l2norm)
-    # the Gluon output pass alone (K = 256): the Triton inverse writes T_u and gcum as it reads them
+    # the Gluon passes at K = 256 (column blocks of 32); the inverse in Gluon too with TUNING "gluon_inverse"
     gluon_out = sm90_256 and chunk_sm90.supported_256(q, v, rec)
     return plan, cfg, rec, gluon, gluon_out, nvb, adaptive
 
@@ -1188,8 +1190,14 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     # contiguous bytes, not 64 lines (H100: inverse -8 to -13%, output pass -1 to -3%; NOTES.md v5.5).
     # The folded L2 norm adds two fields: k's and q's norms (`_inverse_kernel`, chunk_sm90 module
     # doc; on the Gluon path q's are written only where the inverse sums them, TUNING["gluon_q_norms"])
-    fold = gluon and bool(use_qk_l2norm)
-    q_norms_out = fold and TUNING["gluon_q_norms"] == "output"
+    # the inverse in Gluon where the Gluon passes run (K = 128, and K = 256 since v5.12)
+    gluon_inv = (gluon or gluon_out) and TUNING["gluon_inverse"]
+    fold = (gluon or gluon_out) and bool(use_qk_l2norm)
+    # q's norms summed by the output and lead passes from their q tiles (K = 128), or written by the
+    # inverse (the Triton inverse always writes them). At K = 256 the inverse sums them: each of the
+    # output pass's V / 32 column blocks would sum them again (H100, K256/V512 6 heads with the norm:
+    # 1.76 -> 2.33 ms from the passes, NOTES.md v5.12)
+    q_norms_out = fold and gluon and gluon_inv and TUNING["gluon_q_norms"] == "output"
     gcum = torch.empty(bsz, hv, t_len, 4 if use_qk_l2norm else 2, dtype=torch.float32,
                        device=device).transpose(1, 2)
     # the chunks' map-norm bounds (at each chunk's first token) and the warm-start table
@@ -1205,31 +1213,35 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
         # (o as TMA writes it, where the caller's `out` allows; the transposed pass stores by rows)
         o_tma = TUNING["gluon_o_tma"] and not TUNING["gluon_transposed"] and _tma_readable(o, dv, chunk_sm90.BLOCK_V)
         o_desc = chunk_sm90.descriptor(o, chunk_sm90.BLOCK_V) if o_tma else None
-    if gluon and TUNING["gluon_inverse"]:
+    elif gluon_out:  # K = 256: the Gluon output, lead (and map) passes, column blocks of BV = 32
+        bv = rec["BV"]
+        gluon_descs = chunk_sm90.descriptors(q, k, v, tinv, bv)
+        o_tma = TUNING["gluon_o_tma"] and _tma_readable(o, dv, bv)
+        out_kw = dict(packed_split=TUNING["gluon_packed_split"], descs=gluon_descs, sites=sites,
+                      device_index=device_index, l2norm=fold, block_v=bv)
+        out_only = dict(split_qs=TUNING["gluon_split_qs"], wide_ks=TUNING["gluon_wide_ks"], q_norms=q_norms_out,
+                        o_desc=chunk_sm90.descriptor(o, bv) if o_tma else None)
+    if gluon_inv:
         inverse_sm90.inverse(k, g, beta, tinv, gcum, plan["chunks"], plan["num_chunks"], bound, hv, group, warm,
                              gluon_descs[1], sites=sites, device_index=device_index,
                              t_desc=gluon_descs[3] if TUNING["gluon_inverse_tma"] else None,
                              per_program=inverse_sm90.chunks_per_program(
-                                 plan["num_chunks"], hv, inverse_slots(device), TUNING["inverse_chunks_per_program"]),
+                                 plan["num_chunks"], hv, inverse_slots(device, dk),
+                                 TUNING["inverse_chunks_per_program"]),
                              l2norm=fold, q=q if fold and not q_norms_out else None)
     else:
         run("inverse", _inverse_kernel, (plan["num_chunks"], hv),
             q, k, g, beta, tinv, gcum, plan["chunks"], bound, *q.stride(), *k.stride(), *g.stride(), *beta.stride(),
             *tinv.stride()[:3], *gcum.stride()[:3], *bound.stride()[:3], DECAY_BOUND=warm, **cfg["inverse"])
     strides = (*q.stride(), *k.stride(), *v.stride(), *gcum.stride()[:3], *tinv.stride()[:3], *o.stride()[:3])
-    if not gluon and rec["TMA"]:
-        descs = [_tma_view(*x) for x in ((q, dk, rec["BK"]), (k, dk, rec["BK"]), (v, dv, rec["BV"]),
-                                         (tinv, CHUNK_SIZE, CHUNK_SIZE))]
-        tiles = (*descs[:3], gcum, descs[3] if rec["TMA_T"] else tinv, o)
-    elif not gluon:
-        tiles = (q, k, v, gcum, tinv, o)
-    if gluon_out:  # the Gluon output, lead (and map) passes at K = 256 on the Triton inverse's T_u and gcum
-        bv = rec["BV"]
-        o_tma = TUNING["gluon_o_tma"] and _tma_readable(o, dv, bv)
-        out_kw = dict(packed_split=TUNING["gluon_packed_split"], descs=chunk_sm90.descriptors(q, k, v, tinv, bv),
-                      sites=sites, device_index=device_index, l2norm=bool(use_qk_l2norm), block_v=bv,
-                      split_qs=TUNING["gluon_split_qs"], wide_ks=TUNING["gluon_wide_ks"],
-                      o_desc=chunk_sm90.descriptor(o, bv) if o_tma else None)
+    # the Triton passes' tiles, where one of them may run
+    if not gluon and not (gluon_out and TUNING["gluon_map_256"]):
+        if rec["TMA"]:
+            descs = [_tma_view(*x) for x in ((q, dk, rec["BK"]), (k, dk, rec["BK"]), (v, dv, rec["BV"]),
+                                             (tinv, CHUNK_SIZE, CHUNK_SIZE))]
+            tiles = (*descs[:3], gcum, descs[3] if rec["TMA_T"] else tinv, o)
+        else:
+            tiles = (q, k, v, gcum, tinv, o)
     state_in = h0
     partitioned = plan["partitioned"]
     if partitioned:
@@ -1264,7 +1276,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
                                        wide_ks=TUNING["gluon_wide_ks"], q_norms=q_norms_out, **gluon_kw)
             elif gluon_out:
                 chunk_sm90.output_pass(q, k, v, gcum, tinv, o, h0, starts, leads, plan["num_leads"], True,
-                                       scale, hv, group, may_be_empty=adaptive, site="lead pass", **out_kw)
+                                       scale, hv, group, may_be_empty=adaptive, site="lead pass", **out_kw, **out_only)
             else:
                 run("lead pass", _recurrence_kernel, (plan["num_leads"] * hv * nvb,),
                     *tiles, h0, starts, None, None, leads, None, *strides, scale, t_len,
@@ -1274,10 +1286,8 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
                 chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, plan["num_maps"], hv, group,
                                     warm=warm_table, transposed=TUNING["gluon_map_transposed"], **gluon_kw)
             elif plan["num_maps"] and gluon_out and TUNING["gluon_map_256"]:
-                out_map = {key: out_kw[key] for key in ("packed_split", "descs", "sites", "device_index", "l2norm",
-                                                         "block_v")}
                 chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, plan["num_maps"], hv, group,
-                                    warm=warm_table, **out_map)
+                                    warm=warm_table, **out_kw)
             elif plan["num_maps"]:
                 run("map pass", _recurrence_kernel, (plan["num_maps"] * hv * (nvb + cfg["nkb"]),),
                     *tiles, None, None, map_d, map_m, maps, warm_table, *strides, scale, t_len,
@@ -1299,7 +1309,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
         return o, final
     if gluon_out:
         chunk_sm90.output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, plan["num_parts"], partitioned,
-                               scale, hv, group, **out_kw)
+                               scale, hv, group, **out_kw, **out_only)
         return o, final
     run("output pass", _recurrence_kernel, (plan["num_parts"] * hv * nvb,),
         *tiles, state_in, final, None, None, parts, None, *strides, scale, t_len,

@@ -19,10 +19,10 @@ map pass -9%, output pass -13 to -18% more).
 
 Scope (`supported`): bf16 q, k, v (k, q exact tensor-core operands), K = 128, V a multiple of
 64, T_u as a bf16 hi + lo pair, TMA-readable layouts. At K = 256 (`supported_256`, v5.12) the
-output, lead and map passes run with state column blocks of 32 (BV) after the Triton inverse
-(which writes T_u and the gate sums in the same layouts): no spill, one program per SM (156 KB;
-the map pass 119 KB). H100, 1x32K 16 heads: 3.10 -> 1.83 ms against the Triton passes (FLA
-2.52), the map pass bitwise the Triton one's.
+output, lead and map passes run with state column blocks of 32 (BV): no spill, one program per
+SM (156 KB; the map pass 119 KB); the inverse is inverse_sm90's (or the Triton one: the same
+layouts), which there also sums q's norms. H100, 1x32K 16 heads: 3.10 -> 1.72 ms against the
+Triton kernels (FLA 2.52), the map pass bitwise the Triton one's.
 
 The in-kernel L2 norm (L2NORM) is folded, not applied: with n_t = sqrt(|k_t|^2 + eps), the
 normalised token's update e^g (I - beta k^ k^T) S + beta k^ v^T (k^ = k / n) is exactly
@@ -840,7 +840,7 @@ def may_run(q: torch.Tensor, v: torch.Tensor) -> bool:
             and q.shape[3] == 128 and v.shape[3] % BLOCK_V == 0)
 
 
-# The output and map passes at K = 256 after the Triton inverse (`supported_256`): state column
+# The output and map passes at K = 256 (`supported_256`): state column
 # blocks of 32 (the state's [256, 32] fp32 tile is 64 registers); one program per SM (output
 # pass 156 KB of shared memory, map pass 119 KB), which the partition rule is told
 BLOCK_V_256 = 32
@@ -855,8 +855,8 @@ def may_run_256(q: torch.Tensor, v: torch.Tensor) -> bool:
 
 def supported_256(q: torch.Tensor, v: torch.Tensor, rec: dict) -> bool:
     """Whether `output_pass` and `map_pass` (block_v = rec["BV"]) cover the launch `rec` at
-    K = 256: bf16 on sm_90, the Triton inverse's T_u pair and gcum fields (the layouts these
-    passes read at K = 128 too), TMA-readable tiles."""
+    K = 256: bf16 on sm_90, T_u as a bf16 pair (from either inverse: the same layouts),
+    TMA-readable tiles."""
     return (may_run_256(q, v) and rec["BK"] == 256 and rec["BV"] == BLOCK_V_256 and rec["K_EXACT"]
             and rec["T_SPLIT"] and rec["TMA"] and rec["TMA_T"])
 

@@ -17,7 +17,8 @@ against the Triton kernel; ncu: the shared-memory / L1 pipe at 80% of its peak (
 A program runs several chunks in turn (v5.7): the next chunk's k arrives in a second tile and
 its g, beta in registers while the current one is solved (inverse -6 to -13% on the H100).
 
-Scope: as `chunk_sm90.supported` (bf16 k, K = 128, T_u as a bf16 pair, TMA-readable k).
+Scope: as `chunk_sm90.supported` (bf16 k, K = 128, T_u as a bf16 pair, TMA-readable k), and at
+K = 256 as `chunk_sm90.supported_256` (v5.12; two programs per SM there).
 With the in-kernel L2 norm (L2NORM) nothing is normalised: the norms are folded into beta,
 v and o (`chunk_sm90` module doc), and this kernel computes them. The results are the
 Triton kernel's up to the order of the sums
@@ -44,6 +45,7 @@ NUM_WARPS = 4  # one warpgroup: the gram's wgmma
 # LLVM hoists the layouts' per-thread offsets out of it (uncapped 161-167 registers; capped 128,
 # no spill, and a loop body of 1595-1790 SASS instructions against v5.6's 1720-1880 per program)
 PROGRAMS_PER_SM = 4
+PROGRAMS_PER_SM_256 = 2  # at K = 256 (k's two [64, 256] tiles: 87 KB)
 MAX_REGISTERS = 128
 # a program's first chunk, in chunk times, beyond its others (its k and gates are not loaded
 # during a chunk before it); fitted on the H100 (v5.7: ~0.1 at 1x128K), rounded up
@@ -237,12 +239,14 @@ def _inverse_kernel(
     d_hi = y_hi.index(0)
     d_lo = y_lo.index(0)
     beta_smem = gl.allocate_shared_memory(gl.float32, [64], FLAT)
-    # T_u's pair [2, 64, 64] over a chunk's k tile once the gram is done (the pair of tile i:
-    # 2 i, 2 i + 1)
+    # T_u's pair [2, 64, 64] over a chunk's k tile once the gram is done: k's tile i holds K / 64
+    # blocks of [64, 64], the pair takes its first two (TILE i, i + 1 with TILE = i * K / 64; at
+    # K = 256 the pair at 2 i overwrote the other tile's incoming k: v5.12)
+    BLOCKS: gl.constexpr = K // 64
     if T_TMA:
-        out_all = k_smem._reinterpret(gl.bfloat16, [4, 64, 64], OUT_TMA)
+        out_all = k_smem._reinterpret(gl.bfloat16, [2 * BLOCKS, 64, 64], OUT_TMA)
     else:
-        out_all = k_smem._reinterpret(gl.bfloat16, [4, 64, 64], OUT_SMEM)
+        out_all = k_smem._reinterpret(gl.bfloat16, [2 * BLOCKS, 64, 64], OUT_SMEM)
 
     w3, r3, c3 = _index3(64)
     row3 = 16 * w3 + r3
@@ -344,8 +348,8 @@ def _inverse_kernel(
 
         # T_u = T diag(beta) by 16-column blocks into k's tile (free since the gram), then out
         # in rows of 16 bytes per thread
-        out_hi = out_all.index(2 * buf)
-        out_lo = out_all.index(2 * buf + 1)
+        out_hi = out_all.index(BLOCKS * buf)
+        out_lo = out_all.index(BLOCKS * buf + 1)
         for cb in gl.static_range(4):
             if cb < 2:
                 z = _mm2(t_2, y_hi.index(cb).slice(32, 16), y_lo.index(cb).slice(32, 16),

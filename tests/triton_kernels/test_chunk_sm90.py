@@ -265,13 +265,16 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, 
         assert inv["decay_bound"] == ("map" in calls and tc.TUNING["skip_negligible_maps"])
 
 
-@pytest.mark.parametrize("partition_chunks, l2norm", [(1, False), (None, False), (1, True)])
-def test_prefill_routes_k256_to_gluon_passes(monkeypatch, partition_chunks, l2norm, device):
-    """At K = 256 (forced here, wherever the test runs: chunk_sm90.supported_256) the Triton inverse
-    runs and the Gluon output, lead and map passes get its T_u pair and gate sums (with the norm:
-    all four fields, q's norm read from them, not summed), column blocks of 32: v's and o's
-    descriptors 32 wide, and the map pass the same descriptors. With TUNING["gluon_map_256"] off
-    the Triton map pass runs instead."""
+@pytest.mark.parametrize("partition_chunks, l2norm, gluon_inverse", [
+    (1, False, True), (None, False, True), (1, True, True), (1, True, False), (None, True, False)])
+def test_prefill_routes_k256_to_gluon_passes(monkeypatch, partition_chunks, l2norm, gluon_inverse, device):
+    """At K = 256 (forced here, wherever the test runs: chunk_sm90.supported_256) the Gluon output,
+    lead and map passes get the inverse's T_u pair and gate sums, column blocks of 32: v's and o's
+    descriptors 32 wide, the map pass the same descriptors. The inverse: Gluon (k's descriptor 256
+    wide, chunks per program for two programs per SM), or with TUNING["gluon_inverse"] off the
+    Triton one. With the norm: all four gcum fields; q's norms written by the inverse, never summed
+    by the output pass's column blocks (each would sum them again: 1.76 -> 2.33 ms for FLA's
+    K256/V512 layer). With TUNING["gluon_map_256"] off the Triton map pass runs."""
     calls = {"map": 0}
 
     def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps, hv, group, packed_split, descs, warm,
@@ -284,29 +287,48 @@ def test_prefill_routes_k256_to_gluon_passes(monkeypatch, partition_chunks, l2no
 
     def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts, partitioned, scale, hv, group,
                     packed_split, descs, split_qs, sites=None, device_index=0, site="output pass", o_desc=None,
-                    wide_ks=True, l2norm=False, block_v=64, may_be_empty=False):
+                    wide_ks=True, l2norm=False, block_v=64, may_be_empty=False, q_norms=False):
         calls.setdefault("sites", []).append(site)
         calls["out"] = dict(descs=descs, o_desc=o_desc, block_v=block_v, l2norm=l2norm, split_qs=split_qs,
                             wide_ks=wide_ks, gcum=gcum.shape, tinv=(tinv.shape, tinv.dtype), partitioned=partitioned,
-                            state_in=None if state_in is None else state_in.shape)
+                            state_in=None if state_in is None else state_in.shape, q_norms=q_norms)
         o.zero_()
         final.zero_()
 
-    def gluon_inverse(*args, **kwargs):
-        pytest.fail("the Gluon inverse at K = 256")
+    def fake_inverse(k, g, beta, tinv, gcum, chunks, num_chunks, bound, hv, group, decay_bound, k_desc, sites=None,
+                     device_index=0, t_desc=None, per_program=1, l2norm=False, q=None):
+        calls["inverse"] = dict(k_desc=k_desc, t_desc=t_desc, per_program=per_program, l2norm=l2norm, q=q,
+                                num_chunks=num_chunks)
+        cfg = tc.launch_config(k.dtype, 256, 256, group, hv, l2norm)["inverse"]  # the Triton one on its buffers
+        tc._inverse_kernel[(num_chunks, hv)](k if q is None else q, k, g, beta, tinv, gcum, chunks, bound,
+                                             *k.stride(), *k.stride(), *g.stride(), *beta.stride(),
+                                             *tinv.stride()[:3], *gcum.stride()[:3], *bound.stride()[:3],
+                                             DECAY_BOUND=decay_bound, **cfg)
 
+    monkeypatch.setitem(tc.TUNING, "gluon_inverse", gluon_inverse)
     monkeypatch.setattr(chunk_sm90, "may_run_256", lambda q, v: True)
     monkeypatch.setattr(chunk_sm90, "supported_256", lambda q, v, rec: True)
-    monkeypatch.setattr(inverse_sm90, "inverse", gluon_inverse)
+    monkeypatch.setattr(inverse_sm90, "inverse", fake_inverse)
     monkeypatch.setattr(chunk_sm90, "map_pass", map_pass)
     monkeypatch.setattr(chunk_sm90, "output_pass", output_pass)
-    case = make_case("random", torch.bfloat16, device, seed=2, seq_len=200, heads=2, value_heads=4, dk=256)
+    case = make_case("random", torch.bfloat16, device, seed=2, seq_len=130, heads=2, value_heads=4, dk=256)
     q, k, v, g, beta = case.args()
     o, s = tc.chunk_gated_delta_rule_fwd(q, k, v, g, beta, 0.0625, None, True, None, l2norm,
                                          partition_chunks=partition_chunks)
     bsz, t_len = q.shape[:2]
     out = calls["out"]
     assert out["block_v"] == chunk_sm90.BLOCK_V_256 == 32 and out["l2norm"] is l2norm
+    q_norms_out = False  # (at K = 256 the inverse sums q's norms: the Gluon one is given q, the Triton one reads it)
+    assert out["q_norms"] is q_norms_out
+    if gluon_inverse:
+        inv = calls["inverse"]
+        assert inv["k_desc"] is out["descs"][1] and inv["l2norm"] is l2norm
+        assert inv["q"] is (q if l2norm and not q_norms_out else None)
+        assert inv["t_desc"] is (out["descs"][3] if tc.TUNING["gluon_inverse_tma"] else None)
+        assert inv["per_program"] == inverse_sm90.chunks_per_program(
+            inv["num_chunks"], 4, tc.inverse_slots(q.device, 256), tc.TUNING["inverse_chunks_per_program"])
+    else:
+        assert "inverse" not in calls
     assert out["split_qs"] is tc.TUNING["gluon_split_qs"] and out["wide_ks"] is tc.TUNING["gluon_wide_ks"]
     descs = out["descs"]
     assert [d.base for d in descs[:3]] == [q, k, v] and descs[3].base.shape == (bsz, t_len, 8, 64)
@@ -314,10 +336,10 @@ def test_prefill_routes_k256_to_gluon_passes(monkeypatch, partition_chunks, l2no
     assert out["tinv"] == ((bsz, t_len, 8, 64), torch.bfloat16) and out["gcum"] == (bsz, t_len, 4, 4 if l2norm else 2)
     if tc.TUNING["gluon_o_tma"]:
         assert out["o_desc"].base is o and list(out["o_desc"].block_shape) == [64, 32]
-    if partition_chunks == 1:  # 4 partitions per sequence: maps, and the output pass from the chain's starts
+    if partition_chunks == 1:  # 3 partitions per sequence: maps, and the output pass from the chain's starts
         assert calls["map"] == 1 and calls["map_args"]["descs"] is descs and calls["map_args"]["block_v"] == 32
-        assert calls["map_args"]["map_m"] == (3 * bsz, 4, 256, 256) and calls["map_args"]["l2norm"] is l2norm
-        assert out["partitioned"] and out["state_in"] == (4 * bsz, 4, 256, 256)
+        assert calls["map_args"]["map_m"] == (2 * bsz, 4, 256, 256) and calls["map_args"]["l2norm"] is l2norm
+        assert out["partitioned"] and out["state_in"] == (3 * bsz, 4, 256, 256)
         monkeypatch.setitem(tc.TUNING, "gluon_map_256", False)  # the Triton map pass (runs here, interpreted)
         tc.chunk_gated_delta_rule_fwd(q, k, v, g, beta, 0.0625, None, True, None, l2norm, partition_chunks=1)
         assert calls["map"] == 1

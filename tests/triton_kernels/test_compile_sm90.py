@@ -27,8 +27,9 @@ def test_all_kernels_fit_in_shared_memory():
     # passes (output, lead: rows may be empty, map, the transposed output and map passes) and the Gluon
     # inverse with and without the bounds (bf16, K = 128); the output, lead and transposed map passes
     # and the inverse with the folded L2 norm; at K = 256 the Gluon output, lead and map passes and the
-    # output pass with the folded norm. (V = 512 at K = 256 takes the same tiles: BV = 32.)
-    assert len(rows) == 2 * (2 * 7 + 3 * 3 + 2) + 7 + 4 + 4
+    # output pass with the folded norm, and the Gluon inverse's three. (V = 512 at K = 256 takes the same
+    # tiles: BV = 32.)
+    assert len(rows) == 2 * (2 * 7 + 3 * 3 + 2) + 7 + 4 + 4 + 3
     too_big = [r for r in rows if r["shared"] > SHARED_LIMIT]
     assert not too_big, too_big
     # the prefill's tensor-core products are Hopper's wgmma, not the older mma.sync path
@@ -85,8 +86,10 @@ def test_gluon_passes_k256_one_per_sm_without_spill():
     """At K = 256 the Gluon output, lead and map passes (column blocks of 32: the state's fp32
     tile is 64 registers) compile without spill (the Triton output pass there: 192 B of spill at
     202 KB) and fit one program per SM, as the partition rule is told (chunk_sm90.PROGRAMS_PER_SM_256:
-    the rule at two programs per SM split 1x32K 16-head calls in two, 1.6x slower under weak gates)."""
-    from flashdelta.triton import chunk_sm90
+    the rule at two programs per SM split 1x32K 16-head calls in two, 1.6x slower under weak gates).
+    The Gluon inverse there fits two per SM (inverse_sm90.PROGRAMS_PER_SM_256, its waves' model)
+    under its 128-register cap."""
+    from flashdelta.triton import chunk_sm90, inverse_sm90
 
     assert chunk_sm90.PROGRAMS_PER_SM_256 == 1 and chunk_sm90.BLOCK_V_256 == 32
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -96,13 +99,16 @@ def test_gluon_passes_k256_one_per_sm_without_spill():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = {r["kernel"]: r for r in map(json.loads, res.stdout.splitlines())}
+    inverses = {"gluon inverse 256", "gluon inverse 256, map bounds", "gluon inverse 256, map bounds, l2norm"}
     assert set(rows) == {"gluon output pass 256", "gluon lead pass 256", "gluon output pass 256, l2norm",
-                         "gluon map pass 256"}
-    for r in rows.values():
-        assert 233472 // (r["shared"] + 1024) == chunk_sm90.PROGRAMS_PER_SM_256, r  # 228 KB per SM, 1 KB per block
+                         "gluon map pass 256"} | inverses
+    for name, r in rows.items():
+        per_sm = inverse_sm90.PROGRAMS_PER_SM_256 if name in inverses else chunk_sm90.PROGRAMS_PER_SM_256
+        assert 233472 // (r["shared"] + 1024) == per_sm, r  # 228 KB per SM, 1 KB reserved per block
         if "registers" in r:
-            # (the folded norm's 1 / |q_t| load from gcum: 8 B)
-            assert r["registers"] <= 255 and r["stack"] <= (8 if "l2norm" in r["kernel"] else 0), r
+            # (the folded norm's 1 / |q_t| load from gcum: 8 B; the inverse's bounds: 8 B)
+            assert r["registers"] <= (inverse_sm90.MAX_REGISTERS if name in inverses else 255), r
+            assert r["stack"] <= (8 if "l2norm" in name or "bounds" in name else 0), r
 
 
 def test_gluon_inverse_fits_four_per_sm():

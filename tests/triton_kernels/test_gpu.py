@@ -253,7 +253,10 @@ def test_gluon_passes_k256(kind, seq_len, partition_chunks, dv, l2norm, monkeypa
     kw = case.kwargs
     n_seqs = len(kw["cu_seqlens"]) - 1 if "cu_seqlens" in kw else q.shape[0]
 
-    def run(on, maps=True):
+    def run(on, maps=True, gluon_inverse=False):
+        # the passes compared on the Triton inverse's T_u (the Gluon inverse's differs in its last
+        # bits, which near-identical keys amplify: test_gluon_inverse compares the inverses)
+        monkeypatch.setitem(tc.TUNING, "gluon_inverse", gluon_inverse)
         monkeypatch.setitem(tc.TUNING, "gluon_output_256", on)
         monkeypatch.setitem(tc.TUNING, "gluon_map_256", maps)
         o = torch.full_like(v, float("nan"))
@@ -283,6 +286,13 @@ def test_gluon_passes_k256(kind, seq_len, partition_chunks, dv, l2norm, monkeypa
     assert err_o <= 1.01 * err_ot and err_s <= 1.1 * err_st + 1e-7, (err_o, err_ot, err_s, err_st)
     assert rel_l2(o_g, o_t) <= 0.25 * err_ot and rel_l2(s_g, s_t) <= max(1e-5, err_st), (
         rel_l2(o_g, o_t), rel_l2(s_g, s_t))
+    # the default launch: the Gluon inverse too (v5.12)
+    o_d, s_d = run(True, gluon_inverse=True)
+    o_d2, s_d2 = run(True, gluon_inverse=True)
+    assert torch.equal(o_d, o_d2) and torch.equal(s_d, s_d2)
+    err_o, err_s = rel_l2(o_d, o_ref), rel_l2(s_d, s_ref)
+    assert err_o <= 4e-3 and err_s <= 1e-3, (err_o, err_s)
+    assert err_o <= 1.01 * err_ot and err_s <= 1.1 * err_st + 1e-7, (err_o, err_ot, err_s, err_st)
 
 
 @pytest.mark.skipif(not _hopper(), reason="the Gluon passes are sm_90 only")
@@ -500,18 +510,20 @@ def _chunk_starts(t_len, cu_seqlens):
                                   "beta_0_2", "large_initial_state", "varlen"])
 @pytest.mark.parametrize("seq_len", [130, 1000])
 @pytest.mark.parametrize("t_tma", [False, True])
-def test_gluon_inverse(kind, seq_len, t_tma):
+@pytest.mark.parametrize("dk", [128, 256])
+def test_gluon_inverse(kind, seq_len, t_tma, dk):
     """The Gluon inverse (inverse_sm90.py) against the Triton one on the same chunks: T_u (hi + lo)
     within 1e-6 relative (the same split products, sums in another order; 2e-7 at most measured
     in v5.3), the gates' prefix sums and the map-norm bounds the same, nothing written past a
     chunk's rows, deterministic. Outputs poisoned first. t_tma: full chunks' T_u stored by TMA
     (TUNING["gluon_inverse_tma"], on by default), ragged ones by rows. Programs of several chunks
     (v5.7: the next chunk's k and gates loaded during the current one; 3 and 8 per program here,
-    across ragged chunks and sequence ends) give bitwise the results of one chunk per program."""
+    across ragged chunks and sequence ends) give bitwise the results of one chunk per program.
+    At K = 128 and, since v5.12, K = 256 (k's [64, 256] tiles)."""
     from flashdelta.triton import chunk as tc
     from flashdelta.triton import chunk_sm90, inverse_sm90
 
-    case = make_case(kind, torch.bfloat16, "cuda", seed=13, seq_len=seq_len, heads=2, value_heads=4, dk=128)
+    case = make_case(kind, torch.bfloat16, "cuda", seed=13, seq_len=seq_len, heads=2, value_heads=4, dk=dk)
     q, k, v, g, beta = case.args()
     cu = case.kwargs.get("cu_seqlens")
     bsz, t_len, hv = q.shape[0], q.shape[1], v.shape[2]
@@ -520,8 +532,8 @@ def test_gluon_inverse(kind, seq_len, t_tma):
     else:
         c = [int(x) for x in cu.tolist()]
         seqs = tuple((0, c[i], c[i + 1]) for i in range(len(c) - 1))
-    plan, cfg, _, gluon, _, _, _ = tc._setup(q, k, v, seqs, False, None)
-    assert gluon
+    plan, cfg, _, gluon, gluon_256, _, _ = tc._setup(q, k, v, seqs, False, None)
+    assert gluon if dk == 128 else gluon_256
 
     def run(triton_kernel, per_program=3):
         tinv = torch.full((bsz, t_len, 2 * hv, 64), float("nan"), dtype=torch.bfloat16, device="cuda")
@@ -533,7 +545,7 @@ def test_gluon_inverse(kind, seq_len, t_tma):
                 *tinv.stride()[:3], *gcum.stride()[:3], *bound.stride()[:3], DECAY_BOUND=True, **cfg["inverse"])
         else:
             inverse_sm90.inverse(k, g, beta, tinv, gcum, plan["chunks"], plan["num_chunks"], bound, hv, hv // 2,
-                                 True, chunk_sm90.descriptor(k, 128),
+                                 True, chunk_sm90.descriptor(k, dk),
                                  t_desc=chunk_sm90.descriptor(tinv, 64) if t_tma else None,
                                  per_program=per_program)
         return tinv, gcum, bound
@@ -562,8 +574,8 @@ def test_gluon_inverse(kind, seq_len, t_tma):
     n_seqs = len(seqs)
     for pc in (None, 3):
         o = torch.full_like(v, float("nan"))
-        s = torch.full((n_seqs, hv, 128, 128), float("nan"), device="cuda")
-        chunk_gated_delta_rule_fwd(q, k, v, g, beta, 128 ** -0.5, case.kwargs.get("initial_state"), True, cu, False,
+        s = torch.full((n_seqs, hv, dk, dk), float("nan"), device="cuda")
+        chunk_gated_delta_rule_fwd(q, k, v, g, beta, dk ** -0.5, case.kwargs.get("initial_state"), True, cu, False,
                                    partition_chunks=pc, out=o, final_state_out=s)
         assert rel_l2(o, o_ref) <= 4e-3 and rel_l2(s, s_ref) <= 1e-3, (rel_l2(o, o_ref), rel_l2(s, s_ref))
 
