@@ -14,6 +14,15 @@ pytest.importorskip("triton")
 SHARED_LIMIT = 232448  # bytes one block may use on Hopper (227 KB)
 
 
+def _kernel_rows(code: str) -> dict:
+    """{kernel name: its JSON row} from `code` run in a fresh interpreter, outside TRITON_INTERPRET
+    (the compile targets sm_90 offline)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return {r["kernel"]: r for r in map(json.loads, res.stdout.splitlines())}
+
+
 def test_all_kernels_fit_in_shared_memory():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-m", "flashdelta.triton.aot", "--dims", "128,256"],
@@ -50,13 +59,9 @@ def test_gluon_passes_fit_two_per_sm_without_hoisted_descriptors():
     from flashdelta.triton import chunk_sm90
 
     assert chunk_sm90.PROGRAMS_PER_SM == 2 and chunk_sm90.NUM_WARPS == 4
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import json; from flashdelta.triton import aot\n"
-            "for name, k in aot.sm90_kernels():\n"
-            "    print(json.dumps(dict(kernel=name, shared=k.metadata.shared, **aot.registers(k))))")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = {r["kernel"]: r for r in map(json.loads, res.stdout.splitlines())}
+    rows = _kernel_rows("import json; from flashdelta.triton import aot\n"
+                        "for name, k in aot.sm90_kernels():\n"
+                        "    print(json.dumps(dict(kernel=name, shared=k.metadata.shared, **aot.registers(k))))")
     for name in ("gluon inverse", "gluon inverse, map bounds", "gluon inverse, map bounds, l2norm"):
         rows.pop(name)  # (test_gluon_inverse_fits_four_per_sm)
     assert set(rows) == {"gluon output pass", "gluon lead pass", "gluon map pass", "gluon transposed output pass",
@@ -92,13 +97,9 @@ def test_gluon_passes_k256_one_per_sm_without_spill():
     from flashdelta.triton import chunk_sm90, inverse_sm90
 
     assert chunk_sm90.PROGRAMS_PER_SM_256 == 1 and chunk_sm90.BLOCK_V_256 == 32
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import json; from flashdelta.triton import aot\n"
-            "for name, k in aot.sm90_kernels_256():\n"
-            "    print(json.dumps(dict(kernel=name, shared=k.metadata.shared, **aot.registers(k))))")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = {r["kernel"]: r for r in map(json.loads, res.stdout.splitlines())}
+    rows = _kernel_rows("import json; from flashdelta.triton import aot\n"
+                        "for name, k in aot.sm90_kernels_256():\n"
+                        "    print(json.dumps(dict(kernel=name, shared=k.metadata.shared, **aot.registers(k))))")
     inverses = {"gluon inverse 256", "gluon inverse 256, map bounds", "gluon inverse 256, map bounds, l2norm"}
     assert set(rows) == {"gluon output pass 256", "gluon lead pass 256", "gluon output pass 256, l2norm",
                          "gluon map pass 256"} | inverses
@@ -120,15 +121,13 @@ def test_gluon_inverse_fits_four_per_sm():
     from flashdelta.triton import inverse_sm90
 
     assert inverse_sm90.NUM_WARPS == 4
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import json; from flashdelta.triton import aot\n"
-            "for name, k in aot.sm90_kernels():\n"
-            "    if 'inverse' in name:\n"
-            "        print(json.dumps(dict(kernel=name, shared=k.metadata.shared, ptx=k.asm['ptx'].count('mma.sync'),\n"
-            "                              wgmma=k.asm['ptx'].count('wgmma.mma_async'), **aot.registers(k))))")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = {r["kernel"]: r for r in map(json.loads, res.stdout.splitlines())}
+    rows = _kernel_rows("import json; from flashdelta.triton import aot\n"
+                        "for name, k in aot.sm90_kernels():\n"
+                        "    if 'inverse' in name:\n"
+                        "        ptx = k.asm['ptx']\n"
+                        "        print(json.dumps(dict(kernel=name, shared=k.metadata.shared,\n"
+                        "                              ptx=ptx.count('mma.sync'), wgmma=ptx.count('wgmma.mma_async'),\n"
+                        "                              **aot.registers(k))))")
     assert set(rows) == {"gluon inverse", "gluon inverse, map bounds", "gluon inverse, map bounds, l2norm"}
     for name, r in rows.items():
         assert 4 * (r["shared"] + 1024) <= 233472, r
