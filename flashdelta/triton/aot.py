@@ -140,8 +140,9 @@ def compile_gluon(fn, constexprs: dict, common: bool = True, arch: int = 90, **o
 
 
 def sm90_kernels_256(arch: int = 90):
-    """The Gluon passes at K = V = 256 (column blocks of chunk_sm90.BLOCK_V_256), as the K = 256
-    launches specialise them (after the Triton inverse: q's norms from gcum with the L2 norm)."""
+    """The Gluon kernels at K = V = 256 (column blocks of chunk_sm90.BLOCK_V_256), as the K = 256
+    launches specialise them (with the L2 norm q's norms summed by the inverse, read from gcum by
+    the output pass)."""
     from . import chunk_sm90 as g
 
     build = functools.partial(compile_gluon, arch=arch)
@@ -156,7 +157,7 @@ def sm90_kernels_256(arch: int = 90):
     yield "gluon map pass 256", build(g._recurrence_kernel, dict(
         shape, MAP=True, HAS_STATE_IN=False, STORE_FINAL=False, WARM=warm, MAY_BE_EMPTY=False, o_desc=None,
         **({} if warm else {"warm_ptr": None})))
-    yield from _gluon_inverses(arch, 256, " 256")
+    yield from _gluon_inverses(arch, 256, " 256", sums_q_norms=True)
 
 
 def sm90_kernels(arch: int = 90):
@@ -189,17 +190,18 @@ def sm90_kernels(arch: int = 90):
         yield "gluon transposed map pass" + suffix, build(g._map_kernel_t, dict(
             HV=32, V=128, PACKED_SPLIT=tc.TUNING["gluon_packed_split"], WARM=warm, L2NORM=l2norm,
             **({} if warm else {"warm_ptr": None})), common=False)
-    yield from _gluon_inverses(arch, 128, "")
+    yield from _gluon_inverses(arch, 128, "", sums_q_norms=tc.TUNING["gluon_q_norms"] == "inverse")
 
 
-def _gluon_inverses(arch: int, dk: int, suffix: str):
-    """The Gluon inverse (inverse_sm90.py) at K = dk, with and without the map-norm bounds and the norm."""
+def _gluon_inverses(arch: int, dk: int, suffix: str, sums_q_norms: bool):
+    """The Gluon inverse (inverse_sm90.py) at K = dk, with and without the map-norm bounds and the
+    norm (`sums_q_norms`: whether it sums q's norms then, as chunk.py launches it at this K)."""
     from . import inverse_sm90 as inv
 
     for name, bound, l2norm in (("gluon inverse", False, False), ("gluon inverse, map bounds", True, False),
                                 ("gluon inverse, map bounds, l2norm", True, True)):
         t_tma = tc.TUNING["gluon_inverse_tma"]
-        q_norms = l2norm and tc.TUNING["gluon_q_norms"] == "inverse"
+        q_norms = l2norm and sums_q_norms
         name = name.replace("gluon inverse", "gluon inverse" + suffix)
         yield name, compile_gluon(inv._inverse_kernel, dict(
             K=dk, DECAY_BOUND=bound, T_TMA=t_tma, L2NORM=l2norm, Q_NORMS=q_norms, **({} if t_tma else {"t_desc": None}),

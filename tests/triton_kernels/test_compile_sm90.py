@@ -107,9 +107,11 @@ def test_gluon_passes_k256_one_per_sm_without_spill():
         per_sm = inverse_sm90.PROGRAMS_PER_SM_256 if name in inverses else chunk_sm90.PROGRAMS_PER_SM_256
         assert 233472 // (r["shared"] + 1024) == per_sm, r  # 228 KB per SM, 1 KB reserved per block
         if "registers" in r:
-            # (the folded norm's 1 / |q_t| load from gcum: 8 B; the inverse's bounds: 8 B)
+            # (the folded norm's 1 / |q_t| load from gcum: 8 B; the inverse's bounds: 8 B; with the
+            # norm the inverse also sums q's norms at K = 256: 16 B, as at K = 128 where it does)
             assert r["registers"] <= (inverse_sm90.MAX_REGISTERS if name in inverses else 255), r
-            assert r["stack"] <= (8 if "l2norm" in name or "bounds" in name else 0), r
+            limit = 16 if name == "gluon inverse 256, map bounds, l2norm" else 8
+            assert r["stack"] <= (limit if "l2norm" in name or "bounds" in name else 0), r
 
 
 def test_gluon_inverse_fits_four_per_sm():
