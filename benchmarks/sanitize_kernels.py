@@ -4,7 +4,8 @@
     compute-sanitizer --tool racecheck python benchmarks/sanitize_kernels.py
     (options: --dim 256: on sm_90 the Gluon inverse and map, lead and output passes at column
      blocks of 32 (else the Triton ones), the in-kernel L2 norm folded there too;
-     --dtype float16: the prefill's fp16 launches (split bf16 products, fp16 grams);
+     --dtype float16: the prefill's fp16 launches (on sm_90 the Gluon kernels' scaled fp16 pairs, else
+     split bf16 products and fp16 grams);
      --tuning block_v=32,stages=1)
 
 Covers the inverse (in Gluon on sm_90, bf16, K = 128: the default), map, chain, output and lead passes of the prefill (partitioned varlen, with

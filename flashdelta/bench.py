@@ -106,10 +106,15 @@ class Shape:
     @property
     def label(self) -> str:
         if self.suite == "prefill":
-            return (f"{self.name} h{self.heads}/{self.value_heads} {self.gate}" + (" l2norm" if self.l2norm else "")
+            # (inputs other than bf16 named after the rows' name: "1x32K fp16 h16/16 strong")
+            tag = "" if self.dtype == "bfloat16" else f" {DTYPE_TAGS[self.dtype]}"
+            return (f"{self.name}{tag} h{self.heads}/{self.value_heads} {self.gate}" + (" l2norm" if self.l2norm else "")
                     + (" graph" if self.graph else ""))
         pool = "" if self.pool_dtype == "float32" else f" {self.pool_dtype} pool"
         return f"{self.name} h{self.heads}/{self.value_heads}{pool} {'graph' if self.graph else 'eager'}"
+
+
+DTYPE_TAGS = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 def _mixed_lengths(total: int, n: int) -> list[int]:
@@ -148,6 +153,13 @@ def gpu_shapes(suite: str, quick: bool) -> list[Shape]:
                                         ("1x32K K256/V256", 16, 256, 256, False),
                                         ("1x32K K256/V512", 6, 256, 512, True)):
             prefill.append(Shape("prefill", name, [32768], h, h, dk, dv, gate=gate, l2norm=l2norm))
+    # fp16 inputs (engines that run the model in half precision), K = 128 and FLA's K = 256 layer
+    for gate in ("strong", "weak"):
+        for name, lens, h, hv, dk, dv, l2norm in (("1x32K", [32768], 16, 16, 128, 128, False),
+                                                  ("8x4K", [4096] * 8, 16, 32, 128, 128, False),
+                                                  ("1x32K K256/V256", [32768], 16, 16, 256, 256, False),
+                                                  ("1x32K K256/V512", [32768], 6, 6, 256, 512, True)):
+            prefill.append(Shape("prefill", name, lens, h, hv, dk, dv, gate=gate, l2norm=l2norm, dtype="float16"))
     for graph in (False, True):
         for batch in (1, 16, 64, 256):
             decode.append(Shape("decode", f"B={batch} T=1", [1] * batch, 16, 32, graph=graph))

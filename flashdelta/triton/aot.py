@@ -104,23 +104,25 @@ def prefill_kernels(dtype, dk: int, dv: int | None = None, arch: int = 90, l2nor
         yield "chain", compile_kernel(tc._chain_kernel, ptrs, dict(cfg["chain"], HAS_H0=True), arch)
 
 
-def compile_gluon(fn, constexprs: dict, common: bool = True, arch: int = 90, **options):
-    """A Gluon kernel of chunk_sm90.py / inverse_sm90.py (bf16) compiled as a launch specialises
+def compile_gluon(fn, constexprs: dict, common: bool = True, arch: int = 90, io: str = "bf16", **options):
+    """A Gluon kernel of chunk_sm90.py / inverse_sm90.py compiled as a launch specialises
     it: `constexprs` beside the defaults (GROUP 2, K 128; with `common`, the recurrence passes'
     HV, V = K and TUNING's choices; q's and k's tiles K wide, v's and o's BV, default
-    chunk_sm90.BLOCK_V); other arguments as a launch types them."""
+    chunk_sm90.BLOCK_V); q, k, v and o in `io` ("bf16" or "fp16"), T_u's pair bf16; other
+    arguments as a launch types them."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from . import chunk_sm90 as g
 
     dk, bv = constexprs.get("K", 128), constexprs.get("BV", g.BLOCK_V)
-    tile = lambda cols: f"tensordesc<bf16[{g.CHUNK_SIZE},{cols}],{gl.NVMMASharedLayout.get_default_for([g.CHUNK_SIZE, cols], gl.bfloat16)!r}>"  # noqa: E731,E501
+    gl_io = {"bf16": gl.bfloat16, "fp16": gl.float16}
+    tile = lambda cols, ty=io: f"tensordesc<{ty}[{g.CHUNK_SIZE},{cols}],{gl.NVMMASharedLayout.get_default_for([g.CHUNK_SIZE, cols], gl_io[ty])!r}>"  # noqa: E731,E501
     signature = {"q_desc": tile(dk), "k_desc": tile(dk), "v_desc": tile(bv),
-                 "t_desc": tile(g.CHUNK_SIZE), "gcum_ptr": "*fp32", "o_ptr": "*bf16", "state_in_ptr": "*fp32",
-                 "state_out_ptr": "*fp32", "map_d_ptr": "*fp32", "map_m_ptr": "*fp32", "part_ptr": "*i32",
-                 "warm_ptr": "*i32", "scale": "fp32", "g_ptr": "*fp32", "beta_ptr": "*fp32", "t_ptr": "*bf16",
-                 "chunk_ptr": "*i32", "bound_ptr": "*fp32", "o_desc": tile(bv), "q_ptr": "*bf16"}
+                 "t_desc": tile(g.CHUNK_SIZE, "bf16"), "gcum_ptr": "*fp32", "o_ptr": "*" + io,
+                 "state_in_ptr": "*fp32", "state_out_ptr": "*fp32", "map_d_ptr": "*fp32", "map_m_ptr": "*fp32",
+                 "part_ptr": "*i32", "warm_ptr": "*i32", "scale": "fp32", "g_ptr": "*fp32", "beta_ptr": "*fp32",
+                 "t_ptr": "*bf16", "chunk_ptr": "*i32", "bound_ptr": "*fp32", "o_desc": tile(bv), "q_ptr": "*" + io}
     signature = {n: t for n, t in signature.items() if n in fn.arg_names}
     if common:  # the recurrence passes' constants
         constexprs = dict(HV=32, V=dk, PARTITIONED=True, PACKED_SPLIT=tc.TUNING["gluon_packed_split"],
@@ -139,13 +141,13 @@ def compile_gluon(fn, constexprs: dict, common: bool = True, arch: int = 90, **o
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=g.NUM_WARPS, **options))
 
 
-def sm90_kernels_256(arch: int = 90):
+def sm90_kernels_256(arch: int = 90, io: str = "bf16"):
     """The Gluon kernels at K = V = 256 (column blocks of chunk_sm90.BLOCK_V_256), as the K = 256
     launches specialise them (with the L2 norm q's norms summed by the inverse, read from gcum by
-    the output pass)."""
+    the output pass); inputs in `io` ("bf16" or "fp16")."""
     from . import chunk_sm90 as g
 
-    build = functools.partial(compile_gluon, arch=arch)
+    build = functools.partial(compile_gluon, arch=arch, io=io)
     shape = dict(K=256, BV=g.BLOCK_V_256)
     out = dict(shape, MAP=False, HAS_STATE_IN=True, STORE_FINAL=True, WARM=False, warm_ptr=None,
                WIDE_KS=tc.TUNING["gluon_wide_ks"], O_TMA=tc.TUNING["gluon_o_tma"],
@@ -157,21 +159,29 @@ def sm90_kernels_256(arch: int = 90):
     yield "gluon map pass 256", build(g._recurrence_kernel, dict(
         shape, MAP=True, HAS_STATE_IN=False, STORE_FINAL=False, WARM=warm, MAY_BE_EMPTY=False, o_desc=None,
         **({} if warm else {"warm_ptr": None})))
-    yield from _gluon_inverses(arch, 256, " 256", sums_q_norms=True)
+    yield from _gluon_inverses(arch, 256, " 256", sums_q_norms=True, io=io)
 
 
-def sm90_kernels(arch: int = 90):
-    """The Gluon kernels (chunk_sm90.py, inverse_sm90.py: bf16, K = 128), as a launch specialises them."""
+def sm90_kernels(arch: int = 90, io: str = "bf16"):
+    """The Gluon kernels (chunk_sm90.py, inverse_sm90.py: K = 128), as a launch specialises them;
+    inputs in `io`: "fp16" takes the map pass without transposed tiles and no transposed passes,
+    as chunk.py launches it."""
     from . import chunk_sm90 as g
 
-    build = functools.partial(compile_gluon, arch=arch)
+    build = functools.partial(compile_gluon, arch=arch, io=io)
+    fp16 = io == "fp16"
 
     for name, mode in (("gluon output pass", dict(MAP=False, HAS_STATE_IN=True, STORE_FINAL=True, WARM=False,
                                                   MAY_BE_EMPTY=False)),
                        ("gluon lead pass", dict(MAP=False, HAS_STATE_IN=True, STORE_FINAL=True, WARM=False,
                                                 MAY_BE_EMPTY=True)),
                        ("gluon map pass", dict(MAP=True, HAS_STATE_IN=False, STORE_FINAL=False,
-                                               WARM=tc.TUNING["skip_negligible_maps"], MAY_BE_EMPTY=False))):
+                                               WARM=tc.TUNING["skip_negligible_maps"], MAY_BE_EMPTY=False)),
+                       ("gluon map pass, l2norm", dict(MAP=True, HAS_STATE_IN=False, STORE_FINAL=False,
+                                                       WARM=tc.TUNING["skip_negligible_maps"], MAY_BE_EMPTY=False,
+                                                       L2NORM=True))):
+        if name == "gluon map pass, l2norm" and not fp16:  # (bf16: the transposed one below)
+            continue
         if not mode["WARM"]:  # launched with warm_ptr None (a constexpr)
             mode["warm_ptr"] = None
         mode["O_TMA"] = not mode["MAP"] and tc.TUNING["gluon_o_tma"]
@@ -179,9 +189,12 @@ def sm90_kernels(arch: int = 90):
         if not mode["O_TMA"]:  # launched with o_desc None
             mode["o_desc"] = None
         yield name, build(g._recurrence_kernel, mode)
-        if name != "gluon map pass":  # with the in-kernel L2 norm, folded (the map pass: the transposed one below)
+        if "map pass" not in name:  # with the in-kernel L2 norm, folded (the map pass: the row above, or transposed)
             yield name + ", l2norm", build(g._recurrence_kernel, dict(
                 mode, L2NORM=True, Q_NORMS=tc.TUNING["gluon_q_norms"] == "output"))
+    if fp16:
+        yield from _gluon_inverses(arch, 128, "", sums_q_norms=tc.TUNING["gluon_q_norms"] == "inverse", io=io)
+        return
     # the output pass on transposed tiles (TUNING["gluon_transposed"], off by default)
     yield "gluon transposed output pass", build(g._output_kernel_t, dict(
         HAS_STATE_IN=True, STORE_FINAL=True, MAY_BE_EMPTY=False))
@@ -193,9 +206,10 @@ def sm90_kernels(arch: int = 90):
     yield from _gluon_inverses(arch, 128, "", sums_q_norms=tc.TUNING["gluon_q_norms"] == "inverse")
 
 
-def _gluon_inverses(arch: int, dk: int, suffix: str, sums_q_norms: bool):
+def _gluon_inverses(arch: int, dk: int, suffix: str, sums_q_norms: bool, io: str = "bf16"):
     """The Gluon inverse (inverse_sm90.py) at K = dk, with and without the map-norm bounds and the
-    norm (`sums_q_norms`: whether it sums q's norms then, as chunk.py launches it at this K)."""
+    norm (`sums_q_norms`: whether it sums q's norms then, as chunk.py launches it at this K);
+    k (and q) in `io`."""
     from . import inverse_sm90 as inv
 
     for name, bound, l2norm in (("gluon inverse", False, False), ("gluon inverse, map bounds", True, False),
@@ -205,7 +219,7 @@ def _gluon_inverses(arch: int, dk: int, suffix: str, sums_q_norms: bool):
         name = name.replace("gluon inverse", "gluon inverse" + suffix)
         yield name, compile_gluon(inv._inverse_kernel, dict(
             K=dk, DECAY_BOUND=bound, T_TMA=t_tma, L2NORM=l2norm, Q_NORMS=q_norms, **({} if t_tma else {"t_desc": None}),
-            **({} if q_norms else {"q_ptr": None})), common=False, arch=arch, maxnreg=inv.MAX_REGISTERS)
+            **({} if q_norms else {"q_ptr": None})), common=False, arch=arch, io=io, maxnreg=inv.MAX_REGISTERS)
 
 
 def registers(kernel) -> dict:

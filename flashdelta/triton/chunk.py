@@ -743,6 +743,10 @@ TUNING = {
     "gluon_output_256": True,
     # with it, the map pass in Gluon too (`chunk_sm90._recurrence_kernel` with MAP, column blocks of 32)
     "gluon_map_256": True,
+    # fp16 inputs on the Gluon passes and inverse too (K = 128 and 256; chunk_sm90 F16: q, k exact
+    # fp16 operands, the state's and U~'s pairs in fp16 scaled by a power of two per tile; the
+    # map pass then `_recurrence_kernel` with MAP); False: the Triton passes (A/B checks)
+    "gluon_fp16": True,
     # the Gluon passes form their hi + lo splits two elements at a time in inline PTX (the same
     # roundings, bitwise equal): H100 map pass -9%, output pass -13 to -18% (NOTES.md v4.8)
     "gluon_packed_split": True,
@@ -1101,8 +1105,9 @@ def _setup(q, k, v, seqs: tuple, use_qk_l2norm: bool, partition_chunks: int | No
     nvb, nkb = cdiv(dv, bv), cdiv(dk, bv)
     chunk_counts = [cdiv(e - s, CHUNK_SIZE) for _, s, e in seqs]
     longest = max(chunk_counts + [1])
-    sm90 = TUNING["gluon_sm90"] and chunk_sm90 is not None and chunk_sm90.may_run(q, v)
-    sm90_256 = TUNING["gluon_output_256"] and chunk_sm90 is not None and chunk_sm90.may_run_256(q, v)
+    half_ok = q.dtype == torch.bfloat16 or TUNING["gluon_fp16"]
+    sm90 = TUNING["gluon_sm90"] and chunk_sm90 is not None and chunk_sm90.may_run(q, v) and half_ok
+    sm90_256 = TUNING["gluon_output_256"] and chunk_sm90 is not None and chunk_sm90.may_run_256(q, v) and half_ok
     per_sm_rule = chunk_sm90.PROGRAMS_PER_SM if sm90 else (chunk_sm90.PROGRAMS_PER_SM_256 if sm90_256 else 2)
     lead = TUNING["lead_partition"]  # None: the model decides; True / False forces (A/B checks, tests)
     # "adaptive" (or None with the skip on): the GPU picks the lead plan or its empty-lead form
@@ -1211,7 +1216,10 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
         gluon_kw = dict(packed_split=TUNING["gluon_packed_split"], descs=gluon_descs, sites=sites,
                         device_index=device_index, l2norm=fold)
         # (o as TMA writes it, where the caller's `out` allows; the transposed pass stores by rows)
-        o_tma = TUNING["gluon_o_tma"] and not TUNING["gluon_transposed"] and _tma_readable(o, dv, chunk_sm90.BLOCK_V)
+        # (the transposed passes take bf16 only)
+        transposed_out = TUNING["gluon_transposed"] and q.dtype == torch.bfloat16
+        transposed_map = TUNING["gluon_map_transposed"] and q.dtype == torch.bfloat16
+        o_tma = TUNING["gluon_o_tma"] and not transposed_out and _tma_readable(o, dv, chunk_sm90.BLOCK_V)
         o_desc = chunk_sm90.descriptor(o, chunk_sm90.BLOCK_V) if o_tma else None
     elif gluon_out:  # K = 256: the Gluon output, lead (and map) passes, column blocks of BV = 32
         bv = rec["BV"]
@@ -1272,7 +1280,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
             if gluon:
                 chunk_sm90.output_pass(q, k, v, gcum, tinv, o, h0, starts, leads, plan["num_leads"], True,
                                        scale, hv, group, split_qs=TUNING["gluon_split_qs"], may_be_empty=adaptive,
-                                       site="lead pass", transposed=TUNING["gluon_transposed"], o_desc=o_desc,
+                                       site="lead pass", transposed=transposed_out, o_desc=o_desc,
                                        wide_ks=TUNING["gluon_wide_ks"], q_norms=q_norms_out, **gluon_kw)
             elif gluon_out:
                 chunk_sm90.output_pass(q, k, v, gcum, tinv, o, h0, starts, leads, plan["num_leads"], True,
@@ -1284,7 +1292,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             if plan["num_maps"] and gluon:
                 chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, plan["num_maps"], hv, group,
-                                    warm=warm_table, transposed=TUNING["gluon_map_transposed"], **gluon_kw)
+                                    warm=warm_table, transposed=transposed_map, **gluon_kw)
             elif plan["num_maps"] and gluon_out and TUNING["gluon_map_256"]:
                 chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, plan["num_maps"], hv, group,
                                     warm=warm_table, **out_kw)
@@ -1304,7 +1312,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     if gluon:
         chunk_sm90.output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, plan["num_parts"],
                                partitioned, scale, hv, group, split_qs=TUNING["gluon_split_qs"], site="output pass",
-                               transposed=TUNING["gluon_transposed"], o_desc=o_desc,
+                               transposed=transposed_out, o_desc=o_desc,
                                wide_ks=TUNING["gluon_wide_ks"], q_norms=q_norms_out, **gluon_kw)
         return o, final
     if gluon_out:

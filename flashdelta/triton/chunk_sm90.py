@@ -17,8 +17,10 @@ Since v4.8 the hi + lo splits take two elements per packed conversion (`_hi_lo`)
 state's products run before o's, so the next state's pair is formed while o's run (255 + 56 B;
 map pass -9%, output pass -13 to -18% more).
 
-Scope (`supported`): bf16 q, k, v (k, q exact tensor-core operands), K = 128, V a multiple of
-64, T_u as a bf16 hi + lo pair, TMA-readable layouts. At K = 256 (`supported_256`, v5.12) the
+Scope (`supported`): bf16 or fp16 q, k, v (k, q exact tensor-core operands), K = 128, V a multiple of
+64, T_u as a bf16 hi + lo pair, TMA-readable layouts. With fp16 inputs (F16, v5.13) the state's and U~'s
+pairs, which meet q or k in a product, are fp16 hi + lo of the tile scaled by a power of two
+(`_fp16_scale`: any magnitude fits, ~22 bits); H100 1x32K 16/16: 1.71 -> 0.77 ms (FLA 1.37). At K = 256 (`supported_256`, v5.12) the
 output, lead and map passes run with state column blocks of 32 (BV): no spill, one program per
 SM (156 KB; the map pass 119 KB); the inverse is inverse_sm90's (or the Triton one: the same
 layouts), which there also sums q's norms. H100, 1x32K 16 heads: 3.10 -> 1.72 ms against the
@@ -66,6 +68,8 @@ NORM_K = gl.constexpr(2)  # gcum's fields with the in-kernel L2 norm: sqrt(|k|^2
 NORM_Q = gl.constexpr(3)
 L2NORM_EPS = gl.constexpr(L2NORM_EPS_)
 NUM_WARPS = 4  # one warpgroup: [64, 64] wgmma tiles, two programs per SM
+HALF = (torch.bfloat16, torch.float16)  # the inputs these kernels take (fp16: F16 in `_recurrence_kernel`)
+GL_TYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
 @gluon.jit
@@ -81,6 +85,35 @@ def _hi_lo(x, PACKED: gl.constexpr = True):
         hi = x.to(gl.bfloat16)
         lo = (x - hi.to(gl.float32)).to(gl.bfloat16)
     return hi, lo
+
+
+@gluon.jit
+def _hi_lo16(x):
+    """fp32 x (scaled into fp16's range: |x| < 2^15) as an fp16 pair hi + lo (~22 bits together).
+    (A packed PTX form as `_hi_lo`'s timed 1-3% slower, H100 v5.13.)"""
+    hi = x.to(gl.float16)
+    return hi, (x - hi.to(gl.float32)).to(gl.float16)
+
+
+@gluon.jit
+def _pow2(e):
+    """2^e as fp32, exactly, for an int32 e in [-126, 127]."""
+    return ((e + 127) << 23).to(gl.float32, bitcast=True)
+
+
+@gluon.jit
+def _abs_max(a, b):
+    return gl.maximum(gl.abs(a), gl.abs(b))
+
+
+@gluon.jit
+def _fp16_scale(x):
+    """The power of two e (int32) that takes max |x| of the fp32 tile into [2^14, 2^15), fp16's
+    range with room for the pair's rounding: the tile's fp16 pair is that of x 2^e. A zero or
+    tiny tile (max below 2^-98) takes e = 112: its pair then holds fewer bits, of a state that small."""
+    m = gl.max(gl.reduce(x, 1, _abs_max), axis=0)  # (|x| in the combine: no [.., ..] tile of |x| is held)
+    biased = (m.to(gl.int32, bitcast=True) >> 23) & 0xFF  # (m >= 0: no sign bit)
+    return gl.minimum(141 - biased, 112)
 
 
 @gluon.jit
@@ -214,24 +247,38 @@ def _recurrence_kernel(
     # shared memory: k twice (the next chunk's is fetched during this one), q, v, T_u hi / lo
     # once; the state's bf16 pair, whose rows later hold the pairs of X, U and U~. Single
     # buffers are [1, ...] so that the loop can index them by its opaque zero (module doc).
-    k_smem = gl.allocate_shared_memory(gl.bfloat16, [2, C, K], k_desc.layout)
+    # fp16 inputs (F16): q, k, v, o tiles in fp16; the products with q or k take the state's and
+    # U~'s pairs in fp16, each tile scaled by a power of two into fp16's range (`_fp16_scale`);
+    # the others (T_u X, A U) keep their bf16 pairs
+    F16: gl.constexpr = k_desc.dtype == gl.float16
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [2, C, K], k_desc.layout)
     if not MAP:
-        q_all = gl.allocate_shared_memory(gl.bfloat16, [1, C, K], q_desc.layout)
+        q_all = gl.allocate_shared_memory(q_desc.dtype, [1, C, K], q_desc.layout)
         bar_q = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(bar_q, count=1)
-    v_all = gl.allocate_shared_memory(gl.bfloat16, [1, C, BV], v_desc.layout)
+    v_all = gl.allocate_shared_memory(v_desc.dtype, [1, C, BV], v_desc.layout)
     th_all = gl.allocate_shared_memory(gl.bfloat16, [1, C, C], t_desc.layout)
     tl_all = gl.allocate_shared_memory(gl.bfloat16, [1, C, C], t_desc.layout)
     if WIDE_KS:  # the state's pair side by side, [S_hi | S_lo]: one 128-column operand
         s2_all = gl.allocate_shared_memory(gl.bfloat16, [1, K, 2 * BV], s2_sl)
+        if F16:  # (the pairs that meet q or k: the state's, U~'s)
+            s2f_all = s2_all._reinterpret(gl.float16, [1, K, 2 * BV], s2_sl)
+        else:
+            s2f_all = s2_all
     else:
         sh_all = gl.allocate_shared_memory(gl.bfloat16, [1, K, BV], s_sl)
         sl_all = gl.allocate_shared_memory(gl.bfloat16, [1, K, BV], s_sl)
+        if F16:
+            shf_all = sh_all._reinterpret(gl.float16, [1, K, BV], s_sl)
+            slf_all = sl_all._reinterpret(gl.float16, [1, K, BV], s_sl)
+        else:
+            shf_all = sh_all
+            slf_all = sl_all
     bar_k = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     bar_v = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     bar_t = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     if O_TMA:
-        o_all = gl.allocate_shared_memory(gl.bfloat16, [1, C, BV], o_desc.layout)
+        o_all = gl.allocate_shared_memory(o_desc.dtype, [1, C, BV], o_desc.layout)
     mbarrier.init(bar_k.index(0), count=1)
     mbarrier.init(bar_k.index(1), count=1)
     mbarrier.init(bar_v, count=1)
@@ -270,13 +317,18 @@ def _recurrence_kernel(
     _issue(v_desc, row0, col_v, bar_v, v_all.index(0), has_v & first)  # M's columns start from v = 0
     _issue_pair(t_desc, row0, col_th, col_tl, bar_t, th_all.index(0), tl_all.index(0), first)
 
-    s_hi, s_lo = _hi_lo(state, PACKED_SPLIT)
-    if WIDE_KS:
-        s2_all.index(0).slice(0, BV, dim=1).store(s_hi)
-        s2_all.index(0).slice(BV, BV, dim=1).store(s_lo)
+    if F16:
+        e_s = _fp16_scale(state)
+        s_hi, s_lo = _hi_lo16(state * _pow2(e_s))
     else:
-        sh_all.index(0).store(s_hi)
-        sl_all.index(0).store(s_lo)
+        e_s = 0
+        s_hi, s_lo = _hi_lo(state, PACKED_SPLIT)
+    if WIDE_KS:
+        s2f_all.index(0).slice(0, BV, dim=1).store(s_hi)
+        s2f_all.index(0).slice(BV, BV, dim=1).store(s_lo)
+    else:
+        shf_all.index(0).store(s_hi)
+        slf_all.index(0).store(s_lo)
     fence_async_shared()
     gl.thread_barrier()
 
@@ -297,13 +349,20 @@ def _recurrence_kernel(
             s2_smem = s2_all.index(z)
             sh_smem = s2_smem.slice(0, BV, dim=1)
             sl_smem = s2_smem.slice(BV, BV, dim=1)
+            s2f_smem = s2f_all.index(z)
+            shf_smem = s2f_smem.slice(0, BV, dim=1)
+            slf_smem = s2f_smem.slice(BV, BV, dim=1)
         else:
             sh_smem = sh_all.index(z)
             sl_smem = sl_all.index(z)
+            shf_smem = shf_all.index(z)
+            slf_smem = slf_all.index(z)
         xh_smem = sh_smem.slice(0, C)
         xl_smem = sl_smem.slice(0, C)
         uh_smem = sh_smem.slice(C, C)
         ul_smem = sl_smem.slice(C, C)
+        uth_smem = shf_smem.slice(0, C)  # U~'s pair over X's rows (fp16 with F16)
+        utl_smem = slf_smem.slice(0, C)
         # the next chunk's k into the other buffer (its last reader, the previous step, is done)
         _issue(k_desc, row + C, col_k, bar_k.index(1 - buf), k_smem.index(1 - buf), more)
         n = gl.minimum(t_end - t0, C)
@@ -312,19 +371,19 @@ def _recurrence_kernel(
         # K S (and Q S) from the state's bf16 pair (stored by the previous step or the prologue)
         mbarrier.wait(bar_k.index(buf), (c // 2) & 1)
         if WIDE_KS:  # K [S_hi | S_lo]: k's tile read once for both halves (NOTES.md v5.5)
-            ks = warpgroup_mma(k_cur, s2_smem, gl.zeros([C, 2 * BV], gl.float32, acc2_l), use_acc=False,
+            ks = warpgroup_mma(k_cur, s2f_smem, gl.zeros([C, 2 * BV], gl.float32, acc2_l), use_acc=False,
                                is_async=True)
         else:
-            ks = warpgroup_mma(k_cur, sh_smem, zero, use_acc=False, is_async=True)
-            ks = warpgroup_mma(k_cur, sl_smem, ks, is_async=True)
+            ks = warpgroup_mma(k_cur, shf_smem, zero, use_acc=False, is_async=True)
+            ks = warpgroup_mma(k_cur, slf_smem, ks, is_async=True)
         if MAP:
             ks = warpgroup_mma_wait(num_outstanding=0, deps=(ks,))
         else:
             q_smem = q_all.index(z)
             mbarrier.wait(bar_q, c & 1)
-            qs = warpgroup_mma(q_smem, sh_smem, zero, use_acc=False, is_async=True)
+            qs = warpgroup_mma(q_smem, shf_smem, zero, use_acc=False, is_async=True)
             if SPLIT_QS:  # (off: Q S from the state's hi alone, o within 2.4e-3: NOTES.md v4.9)
-                qs = warpgroup_mma(q_smem, sl_smem, qs, is_async=True)
+                qs = warpgroup_mma(q_smem, slf_smem, qs, is_async=True)
                 ks = warpgroup_mma_wait(num_outstanding=2, deps=(ks,))  # Q S runs on during X
             else:  # (one product of Q S in flight: waiting for two would read K S unfinished)
                 ks = warpgroup_mma_wait(num_outstanding=1, deps=(ks,))
@@ -338,7 +397,11 @@ def _recurrence_kernel(
             v = v * _field(gcum_ptr, b, t0, t_end, i_h, s_cb, s_ct, s_ch, rt, NORM_K, C)[:, None]
         if MAP:  # M's programs never fill v's buffer: a select, so its contents are not used
             v = gl.where(is_m, 0.0, v)
-        x = v - gl.exp2(g_hi)[:, None] * ks
+        if F16:  # (K S and Q S are of the state times 2^e_s)
+            g_s = g_hi - e_s.to(gl.float32)
+        else:
+            g_s = g_hi
+        x = v - gl.exp2(g_s)[:, None] * ks
         x_hi, x_lo = _hi_lo(x, PACKED_SPLIT)
         if not MAP:
             qs = warpgroup_mma_wait(num_outstanding=0, deps=(qs,))
@@ -377,18 +440,31 @@ def _recurrence_kernel(
             ul_smem.store(u_lo)
         # U~ = e^{G_C - G} U's pair over X's
         u_t = u * gl.exp2((last_hi - g_hi) + (last_lo - g_lo))[:, None]
-        ut_hi, ut_lo = _hi_lo(u_t, PACKED_SPLIT)
-        xh_smem.store(ut_hi)
-        xl_smem.store(ut_lo)
+        if F16:  # U~ 2^e_u as an fp16 pair: the state's update below is then 2^e_u too
+            e_u = _fp16_scale(u_t)
+            ut_hi, ut_lo = _hi_lo16(u_t * _pow2(e_u))
+        else:
+            ut_hi, ut_lo = _hi_lo(u_t, PACKED_SPLIT)
+        uth_smem.store(ut_hi)
+        utl_smem.store(ut_lo)
 
         k_t = k_cur.permute((1, 0))
         if MAP:  # S <- e^{G_C} S + K^T U~
             fence_async_shared()
             gl.thread_barrier()
-            state = warpgroup_mma(k_t, xh_smem, state * gl.exp2(last_hi + last_lo), is_async=True)
-            state = warpgroup_mma(k_t, xl_smem, state, is_async=True)
+            if F16:
+                decay = gl.exp2(last_hi + last_lo + e_u.to(gl.float32))
+            else:
+                decay = gl.exp2(last_hi + last_lo)
+            state = warpgroup_mma(k_t, uth_smem, state * decay, is_async=True)
+            state = warpgroup_mma(k_t, utl_smem, state, is_async=True)
             state = warpgroup_mma_wait(num_outstanding=0, deps=(state,))
-            s_hi, s_lo = _hi_lo(state, PACKED_SPLIT)
+            if F16:
+                state = state * _pow2(-e_u)
+                e_s = _fp16_scale(state)
+                s_hi, s_lo = _hi_lo16(state * _pow2(e_s))
+            else:
+                s_hi, s_lo = _hi_lo(state, PACKED_SPLIT)
         else:
             # o = scale (e^G (Q S) + (Q K^T o L) U): the pair of A = Q K^T o L in registers
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
@@ -403,16 +479,25 @@ def _recurrence_kernel(
             fence_async_shared()
             gl.thread_barrier()
             # S <- e^{G_C} S + K^T U~ first, then o: the next state pair is formed while o runs
-            state = warpgroup_mma(k_t, xh_smem, state * gl.exp2(last_hi + last_lo), is_async=True)
-            state = warpgroup_mma(k_t, xl_smem, state, is_async=True)
-            o = warpgroup_mma(a_hi, uh_smem, qs * gl.exp2(g_hi)[:, None], is_async=True)
+            if F16:
+                decay = gl.exp2(last_hi + last_lo + e_u.to(gl.float32))
+            else:
+                decay = gl.exp2(last_hi + last_lo)
+            state = warpgroup_mma(k_t, uth_smem, state * decay, is_async=True)
+            state = warpgroup_mma(k_t, utl_smem, state, is_async=True)
+            o = warpgroup_mma(a_hi, uh_smem, qs * gl.exp2(g_s)[:, None], is_async=True)
             o = warpgroup_mma(a_lo, uh_smem, o, is_async=True)
             o = warpgroup_mma(a_hi, ul_smem, o, is_async=True)
             if L2NORM:
                 if Q_NORMS:  # 1 / |q_t| from q's tile while the products run (NOTES.md v5.9)
                     r_q = 1.0 / gl.sqrt_rn(_tile_row_squares(q_smem, acc_l, K) + L2NORM_EPS)
             state = warpgroup_mma_wait(num_outstanding=3, deps=(state,))
-            s_hi, s_lo = _hi_lo(state, PACKED_SPLIT)
+            if F16:
+                state = state * _pow2(-e_u)
+                e_s = _fp16_scale(state)
+                s_hi, s_lo = _hi_lo16(state * _pow2(e_s))
+            else:
+                s_hi, s_lo = _hi_lo(state, PACKED_SPLIT)
             # (A's registers are operands until the products are done: kept alive through the wait)
             o, a_hi, a_lo = warpgroup_mma_wait(num_outstanding=0, deps=(o, a_hi, a_lo))
             if L2NORM:
@@ -432,8 +517,8 @@ def _recurrence_kernel(
         if not MAP:
             if Q_NORMS:  # (q's tile is read: fetch the next chunk's)
                 _issue(q_desc, row + C, col_k, bar_q, q_smem, more)
-        sh_smem.store(s_hi)
-        sl_smem.store(s_lo)
+        shf_smem.store(s_hi)
+        slf_smem.store(s_lo)
         fence_async_shared()
         gl.thread_barrier()
         if O_TMA:
@@ -498,7 +583,7 @@ def _output_kernel_t(
 
     k_smem = gl.allocate_shared_memory(gl.bfloat16, [2, C, K], k_desc.layout)
     q_all = gl.allocate_shared_memory(gl.bfloat16, [1, C, K], q_desc.layout)
-    v_all = gl.allocate_shared_memory(gl.bfloat16, [1, C, BV], v_desc.layout)
+    v_all = gl.allocate_shared_memory(v_desc.dtype, [1, C, BV], v_desc.layout)
     th_all = gl.allocate_shared_memory(gl.bfloat16, [1, C, C], t_desc.layout)
     tl_all = gl.allocate_shared_memory(gl.bfloat16, [1, C, C], t_desc.layout)
     sh_all = gl.allocate_shared_memory(gl.bfloat16, [1, BV, K], s_sl)
@@ -712,7 +797,7 @@ def _map_kernel_t(
         t_begin = gl.where(is_m, gl.where(skip != 0, t_end, t_start), gl.load(warm).to(gl.int64))
 
     k_smem = gl.allocate_shared_memory(gl.bfloat16, [2, C, K], k_desc.layout)
-    v_all = gl.allocate_shared_memory(gl.bfloat16, [1, C, BV], v_desc.layout)
+    v_all = gl.allocate_shared_memory(v_desc.dtype, [1, C, BV], v_desc.layout)
     th_all = gl.allocate_shared_memory(gl.bfloat16, [2, C, C], t_desc.layout)
     tl_all = gl.allocate_shared_memory(gl.bfloat16, [2, C, C], t_desc.layout)
     sh_all = gl.allocate_shared_memory(gl.bfloat16, [1, BV, K], s_sl)
@@ -836,7 +921,7 @@ PROGRAMS_PER_SM = 2
 def may_run(q: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether these kernels cover these inputs (before the layout checks of `supported`), with
     or without the in-kernel L2 norm (folded: module doc)."""
-    return (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0) and q.dtype == torch.bfloat16
+    return (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0) and q.dtype in HALF
             and q.shape[3] == 128 and v.shape[3] % BLOCK_V == 0)
 
 
@@ -848,39 +933,40 @@ PROGRAMS_PER_SM_256 = 1
 
 
 def may_run_256(q: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the K = 256 launches cover these inputs (before the layout checks of `supported_256`)."""
-    return (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0) and q.dtype == torch.bfloat16
+    """Whether the K = 256 launches cover these inputs (bf16 or fp16; before the layout checks of `supported_256`)."""
+    return (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0) and q.dtype in HALF
             and q.shape[3] == 256 and v.shape[3] % BLOCK_V_256 == 0)
 
 
 def supported_256(q: torch.Tensor, v: torch.Tensor, rec: dict) -> bool:
     """Whether `output_pass` and `map_pass` (block_v = rec["BV"]) cover the launch `rec` at
-    K = 256: bf16 on sm_90, T_u as a bf16 pair (from either inverse: the same layouts),
+    K = 256: bf16 or fp16 on sm_90, T_u as a bf16 pair (from either inverse: the same layouts),
     TMA-readable tiles."""
-    return (may_run_256(q, v) and rec["BK"] == 256 and rec["BV"] == BLOCK_V_256 and rec["K_EXACT"]
-            and rec["T_SPLIT"] and rec["TMA"] and rec["TMA_T"])
+    return (may_run_256(q, v) and rec["BK"] == 256 and rec["BV"] == BLOCK_V_256
+            and (rec["K_EXACT"] or q.dtype == torch.float16) and rec["T_SPLIT"] and rec["TMA"] and rec["TMA_T"])
 
 
 def supported(q: torch.Tensor, v: torch.Tensor, rec: dict) -> bool:
     """Whether these kernels cover the launch `rec` (chunk.launch_config's recurrence dict, TMA
     already decided) on q's device."""
     # (k is the raw, exact bf16 operand with the in-kernel L2 norm too: it is folded)
-    return (may_run(q, v) and rec["K_EXACT"] and rec["T_SPLIT"] and rec["TMA"]
+    return (may_run(q, v) and (rec["K_EXACT"] or q.dtype == torch.float16) and rec["T_SPLIT"] and rec["TMA"]
             and rec["TMA_T"] and rec["BK"] == 128 and rec["BV"] == BLOCK_V)
 
 
 @functools.lru_cache(maxsize=None)
-def _tile_layout(cols: int):
-    """The shared layout of a bf16 [64, cols] tile, as the kernel's products read it (building
-    it costs ~10 us of host time: once per width)."""
-    return gl.NVMMASharedLayout.get_default_for([CHUNK_SIZE, cols], gl.bfloat16)
+def _tile_layout(cols: int, dtype: torch.dtype = torch.bfloat16):
+    """The shared layout of a bf16 or fp16 [64, cols] tile, as the kernel's products read it
+    (building it costs ~10 us of host time: once per width and type)."""
+    return gl.NVMMASharedLayout.get_default_for([CHUNK_SIZE, cols], GL_TYPES[dtype])
 
 
 def descriptor(x: torch.Tensor, cols: int) -> TensorDescriptor:
     """[B, T, heads, D] x (layout checked by chunk._tma_readable) as [B * T, heads * D],
     [64, cols] tiles in the shared layout the kernel's products read."""
     bsz, t_len, heads, d = x.shape
-    return TensorDescriptor(x, [bsz * t_len, heads * d], [x.stride(1), 1], [CHUNK_SIZE, cols], _tile_layout(cols))
+    return TensorDescriptor(x, [bsz * t_len, heads * d], [x.stride(1), 1], [CHUNK_SIZE, cols],
+                            _tile_layout(cols, x.dtype))
 
 
 def descriptors(q, k, v, tinv, block_v: int = BLOCK_V) -> tuple:

@@ -223,7 +223,7 @@ def _inverse_kernel(
     count = gl.minimum(per_program, num_chunks - first)
 
     # k twice: the next chunk's arrives in the other tile (which held the last chunk's T_u)
-    k_smem = gl.allocate_shared_memory(gl.bfloat16, [2, 64, K], k_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [2, 64, K], k_desc.layout)  # (bf16 or fp16: the gram is exact)
     bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(bar.index(0), count=1)
     mbarrier.init(bar.index(1), count=1)

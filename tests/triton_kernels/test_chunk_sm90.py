@@ -5,6 +5,7 @@ constant, and that the prefill routes its map and output passes to them with the
 buffers. A swapped argument here would be a wrong answer on every Hopper GPU."""
 
 import inspect
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -141,17 +142,19 @@ def test_inverse_binds_its_arguments(monkeypatch, decay_bound, t_tma, per_progra
     assert (a["GROUP"], a["K"], a["DECAY_BOUND"]) == (2, 128, decay_bound)
 
 
-@pytest.mark.parametrize("partition_chunks, out, l2norm", [(1, None, False), (None, None, False),
-                                                          (None, "misaligned", False), (1, None, "output"),
-                                                          (1, None, "inverse")])
-def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, l2norm, device):
+@pytest.mark.parametrize("partition_chunks, out, l2norm, dtype", [
+    (1, None, False, torch.bfloat16), (None, None, False, torch.bfloat16), (None, "misaligned", False, torch.bfloat16),
+    (1, None, "output", torch.bfloat16), (1, None, "inverse", torch.bfloat16), (1, None, False, torch.float16),
+    (1, None, "output", torch.float16)])
+def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, l2norm, dtype, device):
     """With the Gluon passes taken (forced here, wherever the test runs), the prefill hands them the
     inverse's T_u pair and gate sums, the maps' buffers and the chain's starts, and o's TMA
     descriptor where TMA can write o (not into a caller's `out` 2 bytes off 16-byte alignment).
     With the in-kernel L2 norm (`l2norm`: where q's norms are summed, TUNING["gluon_q_norms"]),
     every Gluon kernel is told to fold it, and the gate sums get the norms' two fields
     (chunk_sm90 module doc); q's norms come from the output and lead passes' q tiles, or from
-    the inverse, which then gets q."""
+    the inverse, which then gets q. fp16 inputs (v5.13) take the same kernels, the map pass without
+    transposed tiles (`_map_kernel_t` takes bf16 only)."""
     calls = {}
 
     def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps, hv, group, packed_split, descs, warm,
@@ -204,7 +207,7 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, 
     monkeypatch.setattr(inverse_sm90, "inverse", inverse)
     monkeypatch.setattr(chunk_sm90, "map_pass", map_pass)
     monkeypatch.setattr(chunk_sm90, "output_pass", output_pass)
-    case = make_case("random", torch.bfloat16, device, seed=1, seq_len=200, heads=2, value_heads=4, dk=128)
+    case = make_case("random", dtype, device, seed=1, seq_len=200, heads=2, value_heads=4, dk=128)
     q, k, v, g, beta = case.args()
     if out == "misaligned":
         out = torch.empty(v.numel() + 1, dtype=v.dtype, device=device)[1:].view(v.shape)
@@ -235,7 +238,7 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, 
     assert calls["split_qs"] is tc.TUNING["gluon_split_qs"]
     assert calls["wide_ks"] is tc.TUNING["gluon_wide_ks"]
     if partition_chunks:
-        assert calls["map_transposed"] is tc.TUNING["gluon_map_transposed"]
+        assert calls["map_transposed"] is (tc.TUNING["gluon_map_transposed"] and dtype == torch.bfloat16)
     # the gates' prefix sums head-major: a chunk's (hi, lo) pairs of one head are contiguous
     assert calls["gcum_strides"] == (4 * t_len * fields, fields, t_len * fields, 1)
     # o's descriptor for the TMA stores (on by default; o is the prefill's own, TMA-readable)
@@ -263,6 +266,31 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, 
                                                                      tc.TUNING["inverse_chunks_per_program"])
         # the map-norm bounds where maps may be skipped
         assert inv["decay_bound"] == ("map" in calls and tc.TUNING["skip_negligible_maps"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gluon_scope_by_dtype(monkeypatch, dtype):
+    """The Gluon kernels take bf16 and fp16 inputs on sm_90 (fp16: the scaled fp16 pairs, v5.13), at
+    K = 128 and 256, with the launch config's recurrence for that dtype (fp16: q, k not exact bf16
+    operands, T_u a bf16 pair); fp32 inputs stay on the Triton passes (3xTF32). With
+    TUNING["gluon_fp16"] off, fp16 takes the Triton passes too (A/B checks)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    half = dtype in (torch.bfloat16, torch.float16)
+    for dk, may_run, supported in ((128, chunk_sm90.may_run, chunk_sm90.supported),
+                                   (256, chunk_sm90.may_run_256, chunk_sm90.supported_256)):
+        q = SimpleNamespace(is_cuda=True, device=torch.device("cuda"), dtype=dtype, shape=(1, 64, 2, dk))
+        v = SimpleNamespace(shape=(1, 64, 4, dk))
+        rec = dict(tc.launch_config(dtype, dk, dk, 2, 4, False)["recurrence"], TMA=True, TMA_T=True)
+        assert may_run(q, v) is half and supported(q, v, rec) is half, (dk, rec)
+    if dtype == torch.float16:  # _setup's choice, on CPU tensors with the predicates forced as on sm_90
+        monkeypatch.setattr(chunk_sm90, "may_run", lambda q, v: q.dtype in chunk_sm90.HALF)
+        monkeypatch.setattr(chunk_sm90, "supported", lambda q, v, rec: True)
+        case = make_case("random", dtype, "cpu", seed=1, seq_len=64, heads=2, value_heads=4, dk=128)
+        q, k, v = case.args()[:3]
+        seqs = ((0, 0, 64),)
+        assert tc._setup(q, k, v, seqs, False, None)[3] is True
+        monkeypatch.setitem(tc.TUNING, "gluon_fp16", False)
+        assert tc._setup(q, k, v, seqs, False, None)[3] is False
 
 
 @pytest.mark.parametrize("partition_chunks, l2norm, gluon_inverse", [

@@ -139,3 +139,44 @@ def test_gluon_inverse_fits_four_per_sm():
             # q's there too (TUNING["gluon_q_norms"] "inverse"), 16 B (k's from the gram's diagonal: 80 B)
             q_norms = "l2norm" in name and tc.TUNING["gluon_q_norms"] == "inverse"
             assert r["registers"] <= 128 and r["stack"] <= (16 if q_norms else 0), r
+
+
+def test_gluon_kernels_fp16_fit_as_bf16():
+    """fp16 inputs take the same Gluon kernels (chunk_sm90 F16: fp16 q, k, v, o tiles, the state's
+    and U~'s pairs in fp16 scaled per tile): the same shared memory as bf16, so the same programs
+    per SM that the partition rule and the inverse's waves assume, at most 255 registers (the
+    inverse under its cap). The scales' two tile reductions per step cost registers: the K = 128
+    output and lead passes spill 112 B (208-232 B with the folded norm) where bf16's spill 48-56 B,
+    the K = 256 ones 64-96 B where bf16's spill 0-8 B; the map passes none (NOTES.md v5.13). The
+    bounds catch the failure the bf16 test guards against (hoisted descriptors: 376 B)."""
+    from flashdelta.triton import chunk_sm90, inverse_sm90
+
+    code = ("import json; from flashdelta.triton import aot\n"
+            "for io in ('bf16', 'fp16'):\n"
+            "    for gen in (aot.sm90_kernels(io=io), aot.sm90_kernels_256(io=io)):\n"
+            "        for name, k in gen:\n"
+            "            if 'transposed' not in name:\n"
+            "                print(json.dumps(dict(kernel=io + ' ' + name, shared=k.metadata.shared,\n"
+            "                                      **aot.registers(k))))")
+    rows = _kernel_rows(code)
+    fp16 = {name[5:]: r for name, r in rows.items() if name.startswith("fp16 ")}
+    bf16 = {name[5:]: r for name, r in rows.items() if name.startswith("bf16 ")}
+    # (the fp16 map pass at K = 128 is the non-transposed one, with the norm too: bf16 takes the transposed one)
+    assert set(fp16) == set(bf16) | {"gluon map pass, l2norm"}
+    for name, r in fp16.items():
+        if name in bf16:
+            assert abs(r["shared"] - bf16[name]["shared"]) <= 256, (r, bf16[name])
+        inverse = "inverse" in name
+        if inverse:
+            per_sm = inverse_sm90.PROGRAMS_PER_SM_256 if "256" in name else inverse_sm90.PROGRAMS_PER_SM
+        else:
+            per_sm = chunk_sm90.PROGRAMS_PER_SM_256 if "256" in name else chunk_sm90.PROGRAMS_PER_SM
+        assert 233472 // (r["shared"] + 1024) >= per_sm, r
+        if "registers" in r:
+            assert r["registers"] <= (inverse_sm90.MAX_REGISTERS if inverse else 255), r
+            if inverse:
+                assert r["stack"] == bf16[name]["stack"], (r, bf16[name])
+            elif "map pass" in name:
+                assert r["stack"] == 0, r
+            else:
+                assert r["stack"] <= (128 if "256" in name else 256), r

@@ -1,5 +1,6 @@
 """GPU-only checks of the Triton kernels at real sizes (marker `gpu`; skipped without CUDA)."""
 
+import dataclasses
 import os
 
 import pytest
@@ -54,9 +55,9 @@ def test_adversarial_bf16_exactness(kind):
 @pytest.mark.parametrize("kind", ["random", "near_identical_keys", "cyclic_keys", "strong_decay", "zero_decay",
                                   "beta_0_2", "large_initial_state", "varlen", "l2norm_in_kernel"])
 def test_adversarial_fp16_exactness(kind):
-    """fp16 inputs (bf16 split operands, the grams in one fp16 product): o within 2.5x of its fp16
-    rounding (the floor), the state within 1e-3, no worse than FLA on the same inputs; bitwise
-    the same twice."""
+    """fp16 inputs (on Hopper the Gluon kernels' scaled fp16 pairs, elsewhere bf16 split operands with
+    the grams in one fp16 product): o within 2.5x of its fp16 rounding (the floor), the state within
+    1e-3, no worse than FLA on the same inputs; bitwise the same twice."""
     case = make_case(kind, torch.float16, "cuda", seed=7, seq_len=1024, heads=2, value_heads=4, dk=128)
     o_ref, s_ref = oracle(case)
     floor = rel_l2(o_ref.to(torch.float16), o_ref)
@@ -292,6 +293,77 @@ def test_gluon_passes_k256(kind, seq_len, partition_chunks, dv, l2norm, monkeypa
     assert torch.equal(o_d, o_d2) and torch.equal(s_d, s_d2)
     err_o, err_s = rel_l2(o_d, o_ref), rel_l2(s_d, s_ref)
     assert err_o <= 4e-3 and err_s <= 1e-3, (err_o, err_s)
+    assert err_o <= 1.01 * err_ot and err_s <= 1.1 * err_st + 1e-7, (err_o, err_ot, err_s, err_st)
+
+
+def _fp16_range_case(kind: str, dk: int, seq_len: int):
+    """fp16 cases for the Gluon kernels' scaled fp16 pairs: the adversarial kinds, plus a state far
+    past fp16's range (zero decay from an initial state of ~1e5, q scaled by 2^-6 so that o stays
+    in range: an unscaled fp16 pair is inf) and one far below it (v ~2^-14, the initial state
+    ~1e-4: an unscaled pair's lo is subnormal)."""
+    base = {"huge_state": "zero_decay", "tiny_state": "large_initial_state"}.get(kind, kind)
+    case = make_case(base, torch.float16, "cuda", seed=13, seq_len=seq_len, heads=2, value_heads=4, dk=dk)
+    if kind == "huge_state":
+        gen = torch.Generator("cuda").manual_seed(5)
+        h0 = 1e5 * torch.randn(case.q.shape[0], 4, dk, dk, device="cuda", generator=gen)
+        case = dataclasses.replace(case, q=(case.q.float() * 2.0**-6).half(),
+                                   kwargs=dict(case.kwargs, initial_state=h0))
+    elif kind == "tiny_state":
+        case = dataclasses.replace(case, v=(case.v.float() * 2.0**-14).half(),
+                                   kwargs=dict(case.kwargs, initial_state=case.kwargs["initial_state"] * 2.0**-20))
+    return case
+
+
+@pytest.mark.skipif(not _hopper(), reason="the Gluon passes are sm_90 only")
+@pytest.mark.parametrize("kind", ["random", "near_identical_keys", "cyclic_keys", "strong_decay", "zero_decay",
+                                  "beta_0_2", "large_initial_state", "varlen", "l2norm_in_kernel", "huge_state",
+                                  "tiny_state"])
+@pytest.mark.parametrize("seq_len, partition_chunks", [(130, None), (1000, 3)])
+@pytest.mark.parametrize("dk", [128, 256])
+def test_gluon_kernels_fp16(kind, seq_len, partition_chunks, dk, monkeypatch):
+    """fp16 inputs on the Gluon inverse and passes (TUNING["gluon_fp16"]: q, k exact fp16 operands,
+    the state's and U~'s pairs in fp16 scaled per tile by a power of two): they run (the map pass
+    too where partitions are forced), o within 2.5x of its fp16 rounding (the floor) and the
+    state within 1e-3 of the fp64 oracle, both no worse than the Triton passes' (bf16 split
+    operands) on the same inputs, bitwise the same twice; outputs poisoned first. The range
+    cases: a state ~1e6 (past fp16's 65504) and one ~2^-14."""
+    from flashdelta.triton import chunk as tc
+    from flashdelta.triton import chunk_sm90, inverse_sm90
+
+    runs = []
+    for mod, name in ((chunk_sm90, "output_pass"), (chunk_sm90, "map_pass"), (inverse_sm90, "inverse")):
+        def counted(*args, _launch=getattr(mod, name), _name=name, **kwargs):
+            runs.append(_name)
+            return _launch(*args, **kwargs)
+        monkeypatch.setattr(mod, name, counted)
+    case = _fp16_range_case(kind, dk, seq_len)
+    q, k, v, g, beta = case.args()
+    kw = case.kwargs
+    l2norm = bool(kw.get("use_qk_l2norm_in_kernel", False))
+    n_seqs = len(kw["cu_seqlens"]) - 1 if "cu_seqlens" in kw else q.shape[0]
+
+    def run(on):
+        monkeypatch.setitem(tc.TUNING, "gluon_fp16", on)
+        o = torch.full_like(v, float("nan"))
+        s = torch.full((n_seqs, v.shape[2], dk, dk), float("nan"), device="cuda")
+        return chunk_gated_delta_rule_fwd(q, k, v, g, beta, dk ** -0.5, kw.get("initial_state"), True,
+                                          kw.get("cu_seqlens"), l2norm, partition_chunks=partition_chunks,
+                                          out=o, final_state_out=s)
+
+    o_g, s_g = run(True)
+    o_g2, s_g2 = run(True)
+    lens = torch.diff(kw["cu_seqlens"]).tolist() if "cu_seqlens" in kw else [seq_len] * q.shape[0]
+    split = partition_chunks is not None and max(lens) > partition_chunks * 64
+    assert runs.count("inverse") == 2 and runs.count("output_pass") >= 2, runs
+    assert ("map_pass" in runs) == split, runs
+    n_runs = len(runs)
+    o_t, s_t = run(False)
+    assert len(runs) == n_runs  # off: the Triton kernels
+    o_ref, s_ref = oracle(case)
+    floor = rel_l2(o_ref.to(torch.float16), o_ref)
+    assert torch.equal(o_g, o_g2) and torch.equal(s_g, s_g2)
+    err_o, err_s, err_ot, err_st = rel_l2(o_g, o_ref), rel_l2(s_g, s_ref), rel_l2(o_t, o_ref), rel_l2(s_t, s_ref)
+    assert err_o <= 2.5 * floor and err_s <= 1e-3, (err_o, floor, err_s)
     assert err_o <= 1.01 * err_ot and err_s <= 1.1 * err_st + 1e-7, (err_o, err_ot, err_s, err_st)
 
 
