@@ -117,6 +117,25 @@ def _fp16_scale(x):
 
 
 @gluon.jit
+def _rescaled_state_pair(state, e_u):
+    """F16: the updated state, accumulated as 2^e_u times itself (U~'s scale), unscaled; its pair's
+    scale e_s and the fp16 pair of state 2^e_s."""
+    state = state * _pow2(-e_u)
+    e_s = _fp16_scale(state)
+    s_hi, s_lo = _hi_lo16(state * _pow2(e_s))
+    return state, e_s, s_hi, s_lo
+
+
+@gluon.jit
+def _decay(last_hi, last_lo, e_u, F16: gl.constexpr):
+    """The state's factor before its update: e^{G_C}, times 2^e_u with F16 (U~'s pair is of U~ 2^e_u)."""
+    if F16:
+        return gl.exp2(last_hi + last_lo + e_u.to(gl.float32))
+    else:
+        return gl.exp2(last_hi + last_lo)
+
+
+@gluon.jit
 def _halves_sum(x, layout: gl.constexpr):
     """x [M, 2N] (a wide product's accumulator) as its two column halves' sum [M, N] in
     `layout` (the halves are register picks of the same thread)."""
@@ -444,6 +463,7 @@ def _recurrence_kernel(
             e_u = _fp16_scale(u_t)
             ut_hi, ut_lo = _hi_lo16(u_t * _pow2(e_u))
         else:
+            e_u = 0
             ut_hi, ut_lo = _hi_lo(u_t, PACKED_SPLIT)
         uth_smem.store(ut_hi)
         utl_smem.store(ut_lo)
@@ -452,17 +472,11 @@ def _recurrence_kernel(
         if MAP:  # S <- e^{G_C} S + K^T U~
             fence_async_shared()
             gl.thread_barrier()
-            if F16:
-                decay = gl.exp2(last_hi + last_lo + e_u.to(gl.float32))
-            else:
-                decay = gl.exp2(last_hi + last_lo)
-            state = warpgroup_mma(k_t, uth_smem, state * decay, is_async=True)
+            state = warpgroup_mma(k_t, uth_smem, state * _decay(last_hi, last_lo, e_u, F16), is_async=True)
             state = warpgroup_mma(k_t, utl_smem, state, is_async=True)
             state = warpgroup_mma_wait(num_outstanding=0, deps=(state,))
             if F16:
-                state = state * _pow2(-e_u)
-                e_s = _fp16_scale(state)
-                s_hi, s_lo = _hi_lo16(state * _pow2(e_s))
+                state, e_s, s_hi, s_lo = _rescaled_state_pair(state, e_u)
             else:
                 s_hi, s_lo = _hi_lo(state, PACKED_SPLIT)
         else:
@@ -479,11 +493,7 @@ def _recurrence_kernel(
             fence_async_shared()
             gl.thread_barrier()
             # S <- e^{G_C} S + K^T U~ first, then o: the next state pair is formed while o runs
-            if F16:
-                decay = gl.exp2(last_hi + last_lo + e_u.to(gl.float32))
-            else:
-                decay = gl.exp2(last_hi + last_lo)
-            state = warpgroup_mma(k_t, uth_smem, state * decay, is_async=True)
+            state = warpgroup_mma(k_t, uth_smem, state * _decay(last_hi, last_lo, e_u, F16), is_async=True)
             state = warpgroup_mma(k_t, utl_smem, state, is_async=True)
             o = warpgroup_mma(a_hi, uh_smem, qs * gl.exp2(g_s)[:, None], is_async=True)
             o = warpgroup_mma(a_lo, uh_smem, o, is_async=True)
@@ -493,9 +503,7 @@ def _recurrence_kernel(
                     r_q = 1.0 / gl.sqrt_rn(_tile_row_squares(q_smem, acc_l, K) + L2NORM_EPS)
             state = warpgroup_mma_wait(num_outstanding=3, deps=(state,))
             if F16:
-                state = state * _pow2(-e_u)
-                e_s = _fp16_scale(state)
-                s_hi, s_lo = _hi_lo16(state * _pow2(e_s))
+                state, e_s, s_hi, s_lo = _rescaled_state_pair(state, e_u)
             else:
                 s_hi, s_lo = _hi_lo(state, PACKED_SPLIT)
             # (A's registers are operands until the products are done: kept alive through the wait)
