@@ -387,7 +387,8 @@ def _recurrence_kernel(
         n = gl.minimum(t_end - t0, C)
         g_hi, g_lo, last_hi, last_lo = _gates(gcum_ptr, b, t0, t_end, i_h, s_cb, s_ct, s_ch, rt, C)
 
-        # K S (and Q S) from the state's bf16 pair (stored by the previous step or the prologue)
+        # K S (and Q S) from the state's pair (bf16; fp16 scaled by 2^e_s with F16), stored by the
+        # previous step or the prologue
         mbarrier.wait(bar_k.index(buf), (c // 2) & 1)
         if WIDE_KS:  # K [S_hi | S_lo]: k's tile read once for both halves (NOTES.md v5.5)
             ks = warpgroup_mma(k_cur, s2f_smem, gl.zeros([C, 2 * BV], gl.float32, acc2_l), use_acc=False,
@@ -591,7 +592,7 @@ def _output_kernel_t(
 
     k_smem = gl.allocate_shared_memory(gl.bfloat16, [2, C, K], k_desc.layout)
     q_all = gl.allocate_shared_memory(gl.bfloat16, [1, C, K], q_desc.layout)
-    v_all = gl.allocate_shared_memory(v_desc.dtype, [1, C, BV], v_desc.layout)
+    v_all = gl.allocate_shared_memory(gl.bfloat16, [1, C, BV], v_desc.layout)
     th_all = gl.allocate_shared_memory(gl.bfloat16, [1, C, C], t_desc.layout)
     tl_all = gl.allocate_shared_memory(gl.bfloat16, [1, C, C], t_desc.layout)
     sh_all = gl.allocate_shared_memory(gl.bfloat16, [1, BV, K], s_sl)
@@ -805,7 +806,7 @@ def _map_kernel_t(
         t_begin = gl.where(is_m, gl.where(skip != 0, t_end, t_start), gl.load(warm).to(gl.int64))
 
     k_smem = gl.allocate_shared_memory(gl.bfloat16, [2, C, K], k_desc.layout)
-    v_all = gl.allocate_shared_memory(v_desc.dtype, [1, C, BV], v_desc.layout)
+    v_all = gl.allocate_shared_memory(gl.bfloat16, [1, C, BV], v_desc.layout)
     th_all = gl.allocate_shared_memory(gl.bfloat16, [2, C, C], t_desc.layout)
     tl_all = gl.allocate_shared_memory(gl.bfloat16, [2, C, C], t_desc.layout)
     sh_all = gl.allocate_shared_memory(gl.bfloat16, [1, BV, K], s_sl)
@@ -957,7 +958,7 @@ def supported_256(q: torch.Tensor, v: torch.Tensor, rec: dict) -> bool:
 def supported(q: torch.Tensor, v: torch.Tensor, rec: dict) -> bool:
     """Whether these kernels cover the launch `rec` (chunk.launch_config's recurrence dict, TMA
     already decided) on q's device."""
-    # (k is the raw, exact bf16 operand with the in-kernel L2 norm too: it is folded)
+    # (k is the raw, exact bf16 or fp16 operand with the in-kernel L2 norm too: it is folded)
     return (may_run(q, v) and (rec["K_EXACT"] or q.dtype == torch.float16) and rec["T_SPLIT"] and rec["TMA"]
             and rec["TMA_T"] and rec["BK"] == 128 and rec["BV"] == BLOCK_V)
 
