@@ -20,11 +20,12 @@ map pass -9%, output pass -13 to -18% more).
 Scope (`supported`): bf16 or fp16 q, k, v (k, q exact tensor-core operands), K = 128, V a multiple of
 64, T_u as a bf16 hi + lo pair, TMA-readable layouts. With fp16 inputs (F16, v5.13) the state's and U~'s
 pairs, which meet q or k in a product, are fp16 hi + lo of the tile scaled by a power of two
-(`_fp16_scale`: any magnitude fits, ~22 bits); H100 1x32K 16/16: 1.71 -> 0.77 ms (FLA 1.37). At K = 256 (`supported_256`, v5.12) the
-output, lead and map passes run with state column blocks of 32 (BV): no spill, one program per
-SM (156 KB; the map pass 119 KB); the inverse is inverse_sm90's (or the Triton one: the same
-layouts), which there also sums q's norms. H100, 1x32K 16 heads: 3.10 -> 1.72 ms against the
-Triton kernels (FLA 2.52), the map pass bitwise the Triton one's.
+(`_fp16_scale`: any magnitude fits, ~22 bits; a register tree, redux.sync and one shared exchange
+since v5.14, the registers' state kept in U~'s units); H100 1x32K 16/16: 1.71 -> 0.69 ms (FLA 1.38).
+At K = 256 (`supported_256`, v5.12) the output, lead and map passes run with state column blocks
+of 32 (BV): no spill, one program per SM (156 KB; the map pass 119 KB); the inverse is inverse_sm90's
+(or the Triton one: the same layouts), which there also sums q's norms. H100, 1x32K 16 heads:
+3.10 -> 1.72 ms against the Triton kernels (FLA 2.52), the map pass bitwise the Triton one's.
 
 The in-kernel L2 norm (L2NORM) is folded, not applied: with n_t = sqrt(|k_t|^2 + eps), the
 normalised token's update e^g (I - beta k^ k^T) S + beta k^ v^T (k^ = k / n) is exactly
@@ -106,31 +107,73 @@ def _abs_max(a, b):
     return gl.maximum(gl.abs(a), gl.abs(b))
 
 
-@gluon.jit
-def _fp16_scale(x):
-    """The power of two e (int32) that takes max |x| of the fp32 tile into [2^14, 2^15), fp16's
-    range with room for the pair's rounding: the tile's fp16 pair is that of x 2^e. A zero or
-    tiny tile (max below 2^-98) takes e = 112: its pair then holds fewer bits, of a state that small."""
-    m = gl.max(gl.reduce(x, 1, _abs_max), axis=0)  # (|x| in the combine: no [.., ..] tile of |x| is held)
-    biased = (m.to(gl.int32, bitcast=True) >> 23) & 0xFF  # (m >= 0: no sign bit)
-    return gl.minimum(141 - biased, 112)
+# the warp's max of per-thread maxima in one instruction (sm_80+; integer only before sm_100)
+REDUX_MAX_U32 = gl.constexpr("redux.sync.max.u32 $0, $1, 0xffffffff;")
 
 
 @gluon.jit
-def _rescaled_state_pair(state, e_u):
-    """F16: the updated state, accumulated as 2^e_u times itself (U~'s scale), unscaled; its pair's
-    scale e_s and the fp16 pair of state 2^e_s."""
-    state = state * _pow2(-e_u)
-    e_s = _fp16_scale(state)
-    s_hi, s_lo = _hi_lo16(state * _pow2(e_s))
-    return state, e_s, s_hi, s_lo
+def _put_warp_max(x, exchange, M: gl.constexpr, N: gl.constexpr):
+    """Each warp's max |x| of an fp32 [M, N] tile in the wgmma accumulator layout (rows 16 w + (0..15)
+    of each 64 on warp w; registers: row bits 3 and 6+, column bits 0 and 3+) into `exchange`
+    ([8, 4, 4] int32 shared), as bits (non-negative floats order as their bits): the thread's
+    elements in a tree of maxima (reduced one register bit at a time, not a chain; FMNMX takes
+    |.| as a free modifier), then one redux.sync across the warp on the bits. The caller's barrier,
+    then `_scale_of_max` (v5.14; gl.max over the tile took a 16-deep chain, five shuffle rounds and
+    two barriers: NOTES.md v5.14)."""
+    t = gl.reshape(x, [M // 64, 4, 2, 8, N // 32, 2, 2, 4, 2])
+    t = gl.reduce(t, 8, _abs_max)
+    t = gl.reduce(t, 6, _abs_max)
+    t = gl.reduce(t, 5, _abs_max)
+    t = gl.reduce(t, 4, _abs_max)
+    t = gl.reduce(t, 2, _abs_max)
+    t = gl.reduce(t, 0, _abs_max)  # [4, 8, 4]: (warp, lane // 4, lane % 4), one element per thread
+    t = gl.inline_asm_elementwise(REDUX_MAX_U32, "=r,r", [t.to(gl.int32, bitcast=True)], dtype=gl.int32,
+                                  is_pure=True, pack=1)
+    exchange.store(gl.permute(t, (1, 2, 0)))  # the warps' maxima side by side at [0, 0, :]
 
 
 @gluon.jit
-def _decay(last_hi, last_lo, e_u, F16: gl.constexpr):
-    """The state's factor before its update: e^{G_C}, times 2^e_u with F16 (U~'s pair is of U~ 2^e_u)."""
+def _scale_of_max(exchange):
+    """The power of two e (int32) that takes the tile's max |x| (the four warps' maxima that
+    `_put_warp_max` stored, read after a barrier: one 16-byte load) into [2^14, 2^15), fp16's range
+    with room for the pair's rounding: the tile's fp16 pair is that of x 2^e. A zero or tiny tile
+    (max below 2^-98) takes e = 112: its pair then holds fewer bits, of a state that small."""
+    every_l: gl.constexpr = gl.BlockedLayout([1, 1, 4], [32, 1, 1], [4, 1, 1], [2, 1, 0])  # the four in each thread
+    m4 = exchange.slice(0, 1, dim=0).slice(0, 1, dim=1).load(every_l)
+    m = gl.max(gl.max(gl.max(m4, axis=2), axis=1), axis=0)
+    return gl.minimum(141 - (m >> 23), 112)
+
+
+@gluon.jit
+def _fp16_scale(x, exchange, M: gl.constexpr, N: gl.constexpr):
+    """`_scale_of_max` of the tile x, with its own barrier."""
+    _put_warp_max(x, exchange, M, N)
+    gl.thread_barrier()
+    return _scale_of_max(exchange)
+
+
+@gluon.jit
+def _state_pair16(acc, e_u, exchange, K: gl.constexpr, BV: gl.constexpr):
+    """F16: the state's pair from the accumulator acc = S 2^e_u (U~'s units, in which the registers
+    keep it: no multiply to unscale it, v5.14): the fp16 pair of acc 2^e_r (`_fp16_scale`), and
+    its scale for S, e_s = e_u + e_r."""
+    e_r = _fp16_scale(acc, exchange, K, BV)
+    s_hi, s_lo = _hi_lo16(acc * _pow2(e_r))
+    return e_u + e_r, s_hi, s_lo
+
+
+@gluon.jit
+def _u_decay(g_hi, g_lo, last_hi, last_lo):
+    """e^{G_C - G} by row: U~ = e^{G_C - G} U."""
+    return gl.exp2((last_hi - g_hi) + (last_lo - g_lo))
+
+
+@gluon.jit
+def _decay(last_hi, last_lo, e, F16: gl.constexpr):
+    """The state's factor before its update: e^{G_C}, times 2^e with F16 (the registers' state is
+    S 2^f, U~'s pair that of U~ 2^e_u: e = e_u - f)."""
     if F16:
-        return gl.exp2(last_hi + last_lo + e_u.to(gl.float32))
+        return gl.exp2(last_hi + last_lo + e.to(gl.float32))
     else:
         return gl.exp2(last_hi + last_lo)
 
@@ -293,6 +336,8 @@ def _recurrence_kernel(
         else:
             shf_all = sh_all
             slf_all = sl_all
+    if F16:  # the warps' maxima for the scales (`_put_warp_max`), 512 B
+        exchange = gl.allocate_shared_memory(gl.int32, [8, 4, 4], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
     bar_k = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     bar_v = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     bar_t = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -336,11 +381,13 @@ def _recurrence_kernel(
     _issue(v_desc, row0, col_v, bar_v, v_all.index(0), has_v & first)  # M's columns start from v = 0
     _issue_pair(t_desc, row0, col_th, col_tl, bar_t, th_all.index(0), tl_all.index(0), first)
 
-    if F16:
-        e_s = _fp16_scale(state)
+    if F16:  # (f: the registers hold S 2^f, in the units of the last U~'s pair)
+        f = gl.to_tensor(0)
+        e_s = _fp16_scale(state, exchange, K, BV)
         s_hi, s_lo = _hi_lo16(state * _pow2(e_s))
     else:
         e_s = 0
+        f = 0
         s_hi, s_lo = _hi_lo(state, PACKED_SPLIT)
     if WIDE_KS:
         s2f_all.index(0).slice(0, BV, dim=1).store(s_hi)
@@ -450,20 +497,24 @@ def _recurrence_kernel(
             g_lo_c = gl.convert_layout(g_lo, colc_l)
             g_hi_r = gl.convert_layout(g_hi, rowc_l)
             g_lo_r = gl.convert_layout(g_lo, rowc_l)
+        if F16:  # U~'s warp maxima cross the barrier below (its scale takes no barrier of its own;
+            # U~ is formed again after it: held across it, it spilled)
+            u = gl.where((rt < n)[:, None], u, 0.0)
+            _put_warp_max(u * _u_decay(g_hi, g_lo, last_hi, last_lo)[:, None], exchange, C, BV)
         gl.thread_barrier()  # T_u and X are read: fetch the next chunk's T_u
         _issue_pair(t_desc, row + C, col_th, col_tl, bar_t, th_smem, tl_smem, more)
-        # rows past the chunk's tokens are zero (TMA reads the next sequence's rows there)
-        u = gl.where((rt < n)[:, None], u, 0.0)
+        if not F16:  # rows past the chunk's tokens are zero (TMA reads the next sequence's rows there)
+            u = gl.where((rt < n)[:, None], u, 0.0)
         if not MAP:  # U's pair into the state pair's last rows
             u_hi, u_lo = _hi_lo(u, PACKED_SPLIT)
             uh_smem.store(u_hi)
             ul_smem.store(u_lo)
         # U~ = e^{G_C - G} U's pair over X's
-        u_t = u * gl.exp2((last_hi - g_hi) + (last_lo - g_lo))[:, None]
         if F16:  # U~ 2^e_u as an fp16 pair: the state's update below is then 2^e_u too
-            e_u = _fp16_scale(u_t)
-            ut_hi, ut_lo = _hi_lo16(u_t * _pow2(e_u))
+            e_u = _scale_of_max(exchange)
+            ut_hi, ut_lo = _hi_lo16(u * (_u_decay(g_hi, g_lo, last_hi, last_lo) * _pow2(e_u))[:, None])
         else:
+            u_t = u * gl.exp2((last_hi - g_hi) + (last_lo - g_lo))[:, None]
             e_u = 0
             ut_hi, ut_lo = _hi_lo(u_t, PACKED_SPLIT)
         uth_smem.store(ut_hi)
@@ -473,11 +524,12 @@ def _recurrence_kernel(
         if MAP:  # S <- e^{G_C} S + K^T U~
             fence_async_shared()
             gl.thread_barrier()
-            state = warpgroup_mma(k_t, uth_smem, state * _decay(last_hi, last_lo, e_u, F16), is_async=True)
+            state = warpgroup_mma(k_t, uth_smem, state * _decay(last_hi, last_lo, e_u - f, F16), is_async=True)
             state = warpgroup_mma(k_t, utl_smem, state, is_async=True)
             state = warpgroup_mma_wait(num_outstanding=0, deps=(state,))
             if F16:
-                state, e_s, s_hi, s_lo = _rescaled_state_pair(state, e_u)
+                e_s, s_hi, s_lo = _state_pair16(state, e_u, exchange, K, BV)
+                f = e_u
             else:
                 s_hi, s_lo = _hi_lo(state, PACKED_SPLIT)
         else:
@@ -494,7 +546,7 @@ def _recurrence_kernel(
             fence_async_shared()
             gl.thread_barrier()
             # S <- e^{G_C} S + K^T U~ first, then o: the next state pair is formed while o runs
-            state = warpgroup_mma(k_t, uth_smem, state * _decay(last_hi, last_lo, e_u, F16), is_async=True)
+            state = warpgroup_mma(k_t, uth_smem, state * _decay(last_hi, last_lo, e_u - f, F16), is_async=True)
             state = warpgroup_mma(k_t, utl_smem, state, is_async=True)
             o = warpgroup_mma(a_hi, uh_smem, qs * gl.exp2(g_s)[:, None], is_async=True)
             o = warpgroup_mma(a_lo, uh_smem, o, is_async=True)
@@ -504,7 +556,8 @@ def _recurrence_kernel(
                     r_q = 1.0 / gl.sqrt_rn(_tile_row_squares(q_smem, acc_l, K) + L2NORM_EPS)
             state = warpgroup_mma_wait(num_outstanding=3, deps=(state,))
             if F16:
-                state, e_s, s_hi, s_lo = _rescaled_state_pair(state, e_u)
+                e_s, s_hi, s_lo = _state_pair16(state, e_u, exchange, K, BV)
+                f = e_u
             else:
                 s_hi, s_lo = _hi_lo(state, PACKED_SPLIT)
             # (A's registers are operands until the products are done: kept alive through the wait)
@@ -540,6 +593,8 @@ def _recurrence_kernel(
     mbarrier.invalidate(bar_k.index(1))
     mbarrier.invalidate(bar_v)
     mbarrier.invalidate(bar_t)
+    if F16:
+        state = state * _pow2(-f)
     if MAP:
         if is_m:
             gl.store(map_m_ptr + (slot * HV + i_h) * K * K + rk[:, None] * K + cv[None, :], state)

@@ -143,12 +143,13 @@ def test_gluon_inverse_fits_four_per_sm():
 
 def test_gluon_kernels_fp16_fit_as_bf16():
     """fp16 inputs take the same Gluon kernels (chunk_sm90 F16: fp16 q, k, v, o tiles, the state's
-    and U~'s pairs in fp16 scaled per tile): the same shared memory as bf16, so the same programs
-    per SM that the partition rule and the inverse's waves assume, at most 255 registers (the
-    inverse under its cap). The scales' two tile reductions per step cost registers: the K = 128
-    output and lead passes spill 112 B (208-232 B with the folded norm) where bf16's spill 48-56 B,
-    the K = 256 ones 64-96 B where bf16's spill 0-8 B; the map passes none (NOTES.md v5.13). The
-    bounds catch the failure the bf16 test guards against (hoisted descriptors: 376 B)."""
+    and U~'s pairs in fp16 scaled per tile): the shared memory of bf16 plus the 512 B where the
+    scales' warp maxima meet, so the same programs per SM that the partition rule and the
+    inverse's waves assume, at most 255 registers (the inverse under its cap). The scales cost
+    registers: the K = 128 output and lead passes spill 80-88 B (152 B with the folded norm) where
+    bf16's spill 48-56 B, the K = 256 ones 0-16 B; the map passes none (NOTES.md v5.14; gl.max's
+    reductions spilled 112-232 B and 64-96 B, v5.13). The bounds catch the failure the bf16 test
+    guards against (hoisted descriptors: 376 B)."""
     from flashdelta.triton import chunk_sm90, inverse_sm90
 
     code = ("import json; from flashdelta.triton import aot\n"
@@ -165,7 +166,7 @@ def test_gluon_kernels_fp16_fit_as_bf16():
     assert set(fp16) == set(bf16) | {"gluon map pass, l2norm"}
     for name, r in fp16.items():
         if name in bf16:
-            assert abs(r["shared"] - bf16[name]["shared"]) <= 256, (r, bf16[name])
+            assert 0 <= r["shared"] - bf16[name]["shared"] <= (0 if "inverse" in name else 512), (r, bf16[name])
         inverse = "inverse" in name
         if inverse:
             per_sm = inverse_sm90.PROGRAMS_PER_SM_256 if "256" in name else inverse_sm90.PROGRAMS_PER_SM
@@ -179,4 +180,4 @@ def test_gluon_kernels_fp16_fit_as_bf16():
             elif "map pass" in name:
                 assert r["stack"] == 0, r
             else:
-                assert r["stack"] <= (128 if "256" in name else 256), r
+                assert r["stack"] <= (32 if "256" in name else 192), r

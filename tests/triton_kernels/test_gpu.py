@@ -11,6 +11,14 @@ from flashdelta.bench import Shape, make_inputs
 from flashdelta.testing import make_case, oracle, raw_norms_case, rel_l2
 from flashdelta.triton.chunk import chunk_gated_delta_rule_fwd
 
+try:  # (the Gluon probe below; Gluon kernels compile only for a GPU)
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+
+    from flashdelta.triton import chunk_sm90
+except ImportError:
+    gluon = None
+
 pytestmark = pytest.mark.gpu
 
 
@@ -365,6 +373,46 @@ def test_gluon_kernels_fp16(kind, seq_len, partition_chunks, dk, monkeypatch):
     err_o, err_s, err_ot, err_st = rel_l2(o_g, o_ref), rel_l2(s_g, s_ref), rel_l2(o_t, o_ref), rel_l2(s_t, s_ref)
     assert err_o <= 2.5 * floor and err_s <= 1e-3, (err_o, floor, err_s)
     assert err_o <= 1.01 * err_ot and err_s <= 1.1 * err_st + 1e-7, (err_o, err_ot, err_s, err_st)
+
+
+if gluon is not None:
+    @gluon.jit
+    def _scale_probe(x_ptr, e_ptr, M: gl.constexpr, N: gl.constexpr):
+        """Program i: chunk_sm90's fp16 scale of tile i of x ([M, N] fp32, in the accumulator layout
+        of the passes' state and U~ tiles) into e_ptr[i]."""
+        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, N, 16])
+        rows = gl.arange(0, M, layout=gl.SliceLayout(1, acc_l))
+        cols = gl.arange(0, N, layout=gl.SliceLayout(0, acc_l))
+        i = gl.program_id(0)
+        x = gl.load(x_ptr + i * M * N + rows[:, None] * N + cols[None, :])
+        exchange = gl.allocate_shared_memory(gl.int32, [8, 4, 4], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
+        gl.store(e_ptr + i, chunk_sm90._fp16_scale(x, exchange, M, N))
+
+
+@pytest.mark.skipif(not _hopper(), reason="the Gluon passes are sm_90 only")
+@pytest.mark.parametrize("rows, cols", [(64, 64), (128, 64), (64, 32), (256, 32)])
+def test_fp16_scale_sees_every_element(rows, cols):
+    """The fp16 pairs' per-tile scale (chunk_sm90._fp16_scale: a tree of maxima in each thread,
+    redux.sync across the warp, the four warps' maxima through shared memory) is the power of two
+    of the whole tile's max |x|: every tile shape the passes scale (U~ [64, BV], the state [K, BV]),
+    the max at each position in turn (so in every warp, lane and register), of either sign, 1-10
+    binades above the rest, at magnitudes 2^-60 to 2^60; zero and subnormal tiles take the cap."""
+    gen = torch.Generator("cuda").manual_seed(rows + cols)
+    n = rows * cols
+    x = torch.randn(n, rows, cols, device="cuda", generator=gen)
+    x *= 2.0 ** torch.randint(-60, 61, (n, 1, 1), device="cuda", generator=gen).float()
+    boost = 2.0 ** torch.randint(1, 11, (n,), device="cuda", generator=gen).float()
+    sign = torch.where(torch.rand(n, device="cuda", generator=gen) < 0.5, -1.0, 1.0)
+    at = torch.arange(n, device="cuda")
+    x.view(n, -1)[at, at] = sign * boost * x.view(n, -1).abs().amax(1)  # tile i's max at position i
+    x = torch.cat([x, torch.zeros(1, rows, cols, device="cuda"), torch.full((1, rows, cols), 1e-40, device="cuda")])
+    e = torch.full((x.shape[0],), -999, dtype=torch.int32, device="cuda")
+    _scale_probe[(x.shape[0],)](x, e, rows, cols, num_warps=4)
+    biased = (x.view(x.shape[0], -1).abs().amax(1).view(torch.int32) >> 23) & 0xFF
+    want = torch.clamp(141 - biased, max=112).int()
+    assert torch.equal(e, want), (e != want).nonzero()[:8].flatten().tolist()
+    scaled = x.view(x.shape[0], -1).abs().amax(1)[:n] * 2.0 ** e[:n].float()
+    assert bool(((scaled >= 2.0**14) & (scaled < 2.0**15)).all())
 
 
 @pytest.mark.skipif(not _hopper(), reason="the Gluon passes are sm_90 only")
