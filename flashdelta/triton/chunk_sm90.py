@@ -514,7 +514,7 @@ def _recurrence_kernel(
             e_u = _scale_of_max(exchange)
             ut_hi, ut_lo = _hi_lo16(u * (_u_decay(g_hi, g_lo, last_hi, last_lo) * _pow2(e_u))[:, None])
         else:
-            u_t = u * gl.exp2((last_hi - g_hi) + (last_lo - g_lo))[:, None]
+            u_t = u * _u_decay(g_hi, g_lo, last_hi, last_lo)[:, None]
             e_u = 0
             ut_hi, ut_lo = _hi_lo(u_t, PACKED_SPLIT)
         uth_smem.store(ut_hi)
