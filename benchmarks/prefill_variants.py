@@ -80,6 +80,10 @@ VARIANTS = [
     {"inverse_chunks_per_program": 16},  # 55: at most sixteen
     {"gluon_q_norms": "output"},  # 56: the folded L2 norm's 1 / |q| from the output pass's q tiles (v5.9)
     {"gluon_q_norms": "inverse"},  # 57: the same from plain loads in the inverse (v5.8)
+    # 58-60: single bf16 products in the output pass (chunk_sm90 SINGLE, an experiment: v5.15)
+    {"gluon_single": 1},  # 58: K S and Q S
+    {"gluon_single": 2},  # 59: also A U and K^T U~ (only T_u X split)
+    {"gluon_single": 3},  # 60: every product single (FLA's precision)
 ]
 SHAPES = [("1x8K 16/16", [8192], 16, 16), ("1x32K 16/16", [32768], 16, 16), ("8x4K 16/32", [4096] * 8, 16, 32)]
 ERROR_KINDS = ["random", "near_identical_keys", "strong_decay", "zero_decay", "large_initial_state"]

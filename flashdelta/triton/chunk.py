@@ -765,6 +765,11 @@ TUNING = {
     # once: 16 KB less of the shared-memory pipe per step, -2 to -3% on the H100; NOTES.md v5.5)
     # instead of two; the map pass keeps two (the wide form timed +1.4% there)
     "gluon_wide_ks": True,
+    # an experiment, not a precision this library offers: how many of the bf16 Gluon output pass's
+    # split products run as one bf16 product (chunk_sm90 SINGLE: 1 K S and Q S, 2 also A U and
+    # K^T U~, 3 every product, FLA's precision; the map pass keeps its splits). 0: the splits
+    # (the exactness goal); NOTES.md v5.15 has each level's time and error
+    "gluon_single": 0,
     # the Gluon map pass on transposed tiles (chunk_sm90._map_kernel_t: X's and U~'s pairs as
     # register operands, one shared-memory round per step instead of three, T_u double-buffered).
     # Bitwise the same maps; H100: map pass -5 to -8%, shared-memory wavefronts -30% (NOTES.md
@@ -1281,7 +1286,8 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
                 chunk_sm90.output_pass(q, k, v, gcum, tinv, o, h0, starts, leads, plan["num_leads"], True,
                                        scale, hv, group, split_qs=TUNING["gluon_split_qs"], may_be_empty=adaptive,
                                        site="lead pass", transposed=transposed_out, o_desc=o_desc,
-                                       wide_ks=TUNING["gluon_wide_ks"], q_norms=q_norms_out, **gluon_kw)
+                                       wide_ks=TUNING["gluon_wide_ks"], q_norms=q_norms_out,
+                                       single=TUNING["gluon_single"], **gluon_kw)
             elif gluon_out:
                 chunk_sm90.output_pass(q, k, v, gcum, tinv, o, h0, starts, leads, plan["num_leads"], True,
                                        scale, hv, group, may_be_empty=adaptive, site="lead pass", **out_kw, **out_only)
@@ -1313,7 +1319,8 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
         chunk_sm90.output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, plan["num_parts"],
                                partitioned, scale, hv, group, split_qs=TUNING["gluon_split_qs"], site="output pass",
                                transposed=transposed_out, o_desc=o_desc,
-                               wide_ks=TUNING["gluon_wide_ks"], q_norms=q_norms_out, **gluon_kw)
+                               wide_ks=TUNING["gluon_wide_ks"], q_norms=q_norms_out,
+                               single=TUNING["gluon_single"], **gluon_kw)
         return o, final
     if gluon_out:
         chunk_sm90.output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, plan["num_parts"], partitioned,

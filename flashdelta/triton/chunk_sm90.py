@@ -247,7 +247,7 @@ def _recurrence_kernel(
     HAS_STATE_IN: gl.constexpr, PARTITIONED: gl.constexpr, STORE_FINAL: gl.constexpr,
     PACKED_SPLIT: gl.constexpr = True, SPLIT_QS: gl.constexpr = True, WARM: gl.constexpr = False,
     MAY_BE_EMPTY: gl.constexpr = False, O_TMA: gl.constexpr = False, WIDE_KS: gl.constexpr = False,
-    L2NORM: gl.constexpr = False, Q_NORMS: gl.constexpr = False, BV: gl.constexpr = 64,
+    L2NORM: gl.constexpr = False, Q_NORMS: gl.constexpr = False, BV: gl.constexpr = 64, SINGLE: gl.constexpr = 0,
 ):
     """Grid (partitions x HV x V / BV), or (maps x HV x (V / BV + K / BV)) when MAP (column
     blocks past V / BV are M's), flattened with the row slowest; BV 64 at K = 128, 32 at K = 256
@@ -265,7 +265,10 @@ def _recurrence_kernel(
     S_lo] whose halves are summed in registers: k's tile is read once, not twice (the passes are
     bound by the shared-memory pipe; NOTES.md v5.5). L2NORM: the norms folded (module doc): v's
     rows times gcum's NORM_K, o's times 1 / |q_t|: summed from q's tile with Q_NORMS (while the
-    state's and o's products run; the next q is fetched after it: v5.9), else gcum's NORM_Q."""
+    state's and o's products run; the next q is fetched after it: v5.9), else gcum's NORM_Q.
+    SINGLE (an experiment, bf16 output pass only; NOTES.md v5.15): products taken as one bf16
+    product of the fp32 operand's hi instead of the split: 1 K S and Q S (with SPLIT_QS and
+    WIDE_KS off), 2 also A U and K^T U~, 3 also T_u X (every product single, FLA's precision)."""
     C: gl.constexpr = 64
     NVB: gl.constexpr = V // BV
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BV, 16])
@@ -394,7 +397,8 @@ def _recurrence_kernel(
         s2f_all.index(0).slice(BV, BV, dim=1).store(s_lo)
     else:
         shf_all.index(0).store(s_hi)
-        slf_all.index(0).store(s_lo)
+        if SINGLE == 0:
+            slf_all.index(0).store(s_lo)
     fence_async_shared()
     gl.thread_barrier()
 
@@ -442,7 +446,8 @@ def _recurrence_kernel(
                                is_async=True)
         else:
             ks = warpgroup_mma(k_cur, shf_smem, zero, use_acc=False, is_async=True)
-            ks = warpgroup_mma(k_cur, slf_smem, ks, is_async=True)
+            if SINGLE == 0:
+                ks = warpgroup_mma(k_cur, slf_smem, ks, is_async=True)
         if MAP:
             ks = warpgroup_mma_wait(num_outstanding=0, deps=(ks,))
         else:
@@ -476,15 +481,17 @@ def _recurrence_kernel(
         fence_async_shared()
         _issue(v_desc, row + C, col_v, bar_v, v_smem, more & has_v)
         xh_smem.store(x_hi)
-        xl_smem.store(x_lo)
+        if SINGLE < 3:
+            xl_smem.store(x_lo)
         fence_async_shared()
         gl.thread_barrier()
 
         # U = T_u X (three products of the pairs) and, behind them, Q K^T
         mbarrier.wait(bar_t, c & 1)
         u = warpgroup_mma(th_smem, xh_smem, zero, use_acc=False, is_async=True)
-        u = warpgroup_mma(tl_smem, xh_smem, u, is_async=True)
-        u = warpgroup_mma(th_smem, xl_smem, u, is_async=True)
+        if SINGLE < 3:
+            u = warpgroup_mma(tl_smem, xh_smem, u, is_async=True)
+            u = warpgroup_mma(th_smem, xl_smem, u, is_async=True)
         if MAP:
             u = warpgroup_mma_wait(num_outstanding=0, deps=(u,))
         else:
@@ -508,7 +515,8 @@ def _recurrence_kernel(
         if not MAP:  # U's pair into the state pair's last rows
             u_hi, u_lo = _hi_lo(u, PACKED_SPLIT)
             uh_smem.store(u_hi)
-            ul_smem.store(u_lo)
+            if SINGLE < 2:
+                ul_smem.store(u_lo)
         # U~ = e^{G_C - G} U's pair over X's
         if F16:  # U~ 2^e_u as an fp16 pair: the state's update below is then 2^e_u too
             e_u = _scale_of_max(exchange)
@@ -518,7 +526,8 @@ def _recurrence_kernel(
             e_u = 0
             ut_hi, ut_lo = _hi_lo(u_t, PACKED_SPLIT)
         uth_smem.store(ut_hi)
-        utl_smem.store(ut_lo)
+        if SINGLE < 2:
+            utl_smem.store(ut_lo)
 
         k_t = k_cur.permute((1, 0))
         if MAP:  # S <- e^{G_C} S + K^T U~
@@ -540,28 +549,39 @@ def _recurrence_kernel(
                 _issue(q_desc, row + C, col_k, bar_q, q_smem, more)
             diff = (g_hi_r[:, None] - g_hi_c[None, :]) + (g_lo_r[:, None] - g_lo_c[None, :])
             a = qk * gl.exp2(gl.where(rtc[:, None] >= ctc[None, :], diff, float("-inf")))
-            a_hi, a_lo = _hi_lo(a, PACKED_SPLIT)
+            if SINGLE < 2:
+                a_hi, a_lo = _hi_lo(a, PACKED_SPLIT)
+                a_lo = gl.convert_layout(a_lo, a_l)
+            else:
+                a_hi = a.to(gl.bfloat16)
             a_hi = gl.convert_layout(a_hi, a_l)
-            a_lo = gl.convert_layout(a_lo, a_l)
             fence_async_shared()
             gl.thread_barrier()
             # S <- e^{G_C} S + K^T U~ first, then o: the next state pair is formed while o runs
             state = warpgroup_mma(k_t, uth_smem, state * _decay(last_hi, last_lo, e_u - f, F16), is_async=True)
-            state = warpgroup_mma(k_t, utl_smem, state, is_async=True)
+            if SINGLE < 2:
+                state = warpgroup_mma(k_t, utl_smem, state, is_async=True)
             o = warpgroup_mma(a_hi, uh_smem, qs * gl.exp2(g_s)[:, None], is_async=True)
-            o = warpgroup_mma(a_lo, uh_smem, o, is_async=True)
-            o = warpgroup_mma(a_hi, ul_smem, o, is_async=True)
+            if SINGLE < 2:
+                o = warpgroup_mma(a_lo, uh_smem, o, is_async=True)
+                o = warpgroup_mma(a_hi, ul_smem, o, is_async=True)
             if L2NORM:
                 if Q_NORMS:  # 1 / |q_t| from q's tile while the products run (NOTES.md v5.9)
                     r_q = 1.0 / gl.sqrt_rn(_tile_row_squares(q_smem, acc_l, K) + L2NORM_EPS)
-            state = warpgroup_mma_wait(num_outstanding=3, deps=(state,))
+            if SINGLE < 2:
+                state = warpgroup_mma_wait(num_outstanding=3, deps=(state,))
+            else:
+                state = warpgroup_mma_wait(num_outstanding=1, deps=(state,))
             if F16:
                 e_s, s_hi, s_lo = _state_pair16(state, e_u, exchange, K, BV)
                 f = e_u
             else:
                 s_hi, s_lo = _hi_lo(state, PACKED_SPLIT)
             # (A's registers are operands until the products are done: kept alive through the wait)
-            o, a_hi, a_lo = warpgroup_mma_wait(num_outstanding=0, deps=(o, a_hi, a_lo))
+            if SINGLE < 2:
+                o, a_hi, a_lo = warpgroup_mma_wait(num_outstanding=0, deps=(o, a_hi, a_lo))
+            else:
+                o, a_hi = warpgroup_mma_wait(num_outstanding=0, deps=(o, a_hi))
             if L2NORM:
                 if not Q_NORMS:
                     r_q = _field(gcum_ptr, b, t0, t_end, i_h, s_cb, s_ct, s_ch, rt, NORM_Q, C)
@@ -580,7 +600,8 @@ def _recurrence_kernel(
             if Q_NORMS:  # (q's tile is read: fetch the next chunk's)
                 _issue(q_desc, row + C, col_k, bar_q, q_smem, more)
         shf_smem.store(s_hi)
-        slf_smem.store(s_lo)
+        if SINGLE == 0:
+            slf_smem.store(s_lo)
         fence_async_shared()
         gl.thread_barrier()
         if O_TMA:
@@ -1069,7 +1090,7 @@ def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts: int, 
                 hv: int, group: int, packed_split: bool = True, descs=None, split_qs: bool = True,
                 may_be_empty: bool = False, sites=None, device_index: int = 0, site: str = "output pass",
                 transposed: bool = False, o_desc=None, wide_ks: bool = True, l2norm: bool = False,
-                q_norms: bool = False, block_v: int = BLOCK_V):
+                q_norms: bool = False, block_v: int = BLOCK_V, single: int = 0):
     """Launch over `num_parts` partitions (rows of `parts`); o and final are written. `block_v`:
     the state's column block (BLOCK_V_256 at K = 256; `descs` and `o_desc` with v's and o's tiles
     that wide). `descs`:
@@ -1080,8 +1101,13 @@ def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts: int, 
     store o's full chunks by TMA (`_recurrence_kernel`'s O_TMA), or None. `l2norm`: the in-kernel
     L2 norm, folded (module doc; `_recurrence_kernel` only: the transposed pass, an option that
     is off, does not take it); with `q_norms` this pass sums 1 / |q_t| itself (Q_NORMS), else
-    it reads gcum's NORM_Q, which the inverse then writes."""
+    it reads gcum's NORM_Q, which the inverse then writes. `single`: `_recurrence_kernel`'s SINGLE
+    (an experiment: bf16, not transposed; it turns the split Q S and the wide K S off)."""
     dk, dv = q.shape[3], v.shape[3]
+    if single:
+        if q.dtype != torch.bfloat16 or transposed:
+            raise ValueError("single products are built for the bf16 output pass only")
+        split_qs, wide_ks = False, False
     if transposed and not l2norm:
         launch(sites, site, _output_kernel_t, (num_parts * hv * (dv // BLOCK_V),), (
             *(descs or descriptors(q, k, v, tinv)), gcum, o, state_in, final, parts, *gcum.stride()[:3],
@@ -1096,4 +1122,4 @@ def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts: int, 
         HV=hv, GROUP=group, K=dk, V=dv, MAP=False, HAS_STATE_IN=state_in is not None, PARTITIONED=partitioned,
         STORE_FINAL=final is not None, PACKED_SPLIT=packed_split, SPLIT_QS=split_qs, MAY_BE_EMPTY=may_be_empty,
         O_TMA=o_desc is not None, WIDE_KS=wide_ks, L2NORM=l2norm, Q_NORMS=l2norm and q_norms, BV=block_v,
-        num_warps=NUM_WARPS), device_index)
+        SINGLE=single, num_warps=NUM_WARPS), device_index)

@@ -170,8 +170,9 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, 
 
     def output_pass(q, k, v, gcum, tinv, o, state_in, final, parts, num_parts, partitioned, scale, hv, group,
                     packed_split, descs, split_qs, may_be_empty=False, sites=None, device_index=0, site=None,
-                    transposed=False, o_desc=None, wide_ks=True, l2norm=False, q_norms=False):
+                    transposed=False, o_desc=None, wide_ks=True, l2norm=False, q_norms=False, single=0):
         assert site == "output pass" and transposed is False
+        assert single == 0  # (the single-product experiment is off unless TUNING asks for it)
         calls["out_l2norm"] = l2norm
         calls["out_q_norms"] = q_norms
         calls["out_descs"] = descs
