@@ -1,6 +1,6 @@
 """Where the chunked path overtakes the recurrent one: times both over T on this machine.
 
-    python benchmarks/dispatch_threshold.py [--device cpu|cuda] [--backend torch|triton] [--dtype bfloat16]
+    python benchmarks/dispatch_threshold.py [--device cpu|cuda] [--backend torch|triton] [--dtype bfloat16] [--batch 8]
 
 The crossover grounds `flashdelta.RECURRENT_MAX_TOKENS[backend]` (used by mode="auto").
 """
@@ -32,16 +32,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--backend", default="torch")
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--lens", default="1,2,4,8,12,16,24,32,64,256,4096")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
-    print(f"device={args.device} backend={args.backend} B=1 H=HV={args.heads} K=V={args.dim} {args.dtype}")
+    print(f"device={args.device} backend={args.backend} B={args.batch} H=HV={args.heads} K=V={args.dim} {args.dtype}")
     print(f"{'T':>6} {'chunk ms':>10} {'recurrent ms':>13} {'faster':>10}")
     for t_len in map(int, args.lens.split(",")):
-        case = make_case("random", dtype, args.device, seq_len=t_len, batch=1, heads=args.heads, dk=args.dim)
+        case = make_case("random", dtype, args.device, seq_len=t_len, batch=args.batch, heads=args.heads, dk=args.dim)
         kw = dict(output_final_state=True, backend=args.backend)
         tc = median_time(lambda: fd.chunk_gated_delta_rule(*case.args(), **kw), args.device)
         tr = median_time(lambda: fd.fused_recurrent_gated_delta_rule(*case.args(), **kw), args.device)

@@ -27,6 +27,12 @@ MODES = ("auto", "chunk", "recurrent")
 # (0.21 vs 0.23 ms, 0.18 vs 0.28), the chunked path from 512 in bf16 (0.22 vs 0.31 ms; fp32
 # from 1024).
 RECURRENT_MAX_TOKENS = {"torch": 6, "triton": 256}
+# fp32 inputs on Triton take the chunked products as 3xTF32 (past K = 128 on the Triton passes), so
+# the token loop wins longer (H100, H = 16, NOTES.md "Auto-dispatch threshold, Triton"): through
+# T = 256 at K = 64; at K = 128 through 1024 (B = 1: 0.644 vs 0.646 ms; B = 8 through 2048 too);
+# at K = 256 at every length measured (to 8192 at B = 1, 4096 at B = 8), where the chunked path
+# takes 3-4x the loop's time. Rows (largest K, tokens): the first row whose K is >= the call's.
+RECURRENT_MAX_TOKENS_FP32 = {"triton": ((64, 256), (128, 1024), (math.inf, math.inf))}
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -140,6 +146,14 @@ def _resolve_mode(mode) -> str:
     return mode
 
 
+def recurrent_max_tokens(backend: str, dtype: torch.dtype, head_dim: int) -> float:
+    """The most tokens per sequence (mean with cu_seqlens) that `mode="auto"` runs on the recurrent
+    path of `backend` for inputs of `dtype` and key head dim `head_dim`."""
+    if dtype == torch.float32 and backend in RECURRENT_MAX_TOKENS_FP32:
+        return next(limit for dim, limit in RECURRENT_MAX_TOKENS_FP32[backend] if head_dim <= dim)
+    return RECURRENT_MAX_TOKENS[backend]
+
+
 def _run(path, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
          use_qk_l2norm_in_kernel, backend, mode="auto", state_v_first=False):
     problem = validate(q, k, v, g, beta, scale, initial_state, cu_seqlens, state_v_first)
@@ -149,7 +163,7 @@ def _run(path, q, k, v, g, beta, scale, initial_state, output_final_state, cu_se
         if path == "auto":
             # Dense batches: T per sequence; varlen: the mean length of the packed sequences.
             tokens_per_seq = problem.seq_len / max(problem.num_seqs, 1) if cu_seqlens is not None else problem.seq_len
-            path = "recurrent" if tokens_per_seq <= RECURRENT_MAX_TOKENS[impl.name] else "chunk"
+            path = "recurrent" if tokens_per_seq <= recurrent_max_tokens(impl.name, q.dtype, q.shape[-1]) else "chunk"
     fn = impl.chunk if path == "chunk" else impl.recurrent
     if state_v_first and initial_state is not None:
         initial_state = initial_state.transpose(-1, -2)  # a view; the paths read [K, V] by strides
@@ -194,7 +208,8 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
                      cu_seqlens=None, use_qk_l2norm_in_kernel=False, backend=None, mode="auto",
                      state_v_first=False):
     """Dispatching gated delta rule: the recurrent path when sequences are short (at most
-    `RECURRENT_MAX_TOKENS[backend]` tokens on average), the chunked path otherwise.
+    `recurrent_max_tokens(backend, q.dtype, K)` tokens on average: `RECURRENT_MAX_TOKENS[backend]`,
+    or `RECURRENT_MAX_TOKENS_FP32` for fp32 inputs on Triton), the chunked path otherwise.
 
     `mode="chunk"` or `"recurrent"` forces a path; with `mode="auto"` the environment
     variable FLASHDELTA_MODE (auto|chunk|recurrent) may force one for A/B checks.

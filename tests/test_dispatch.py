@@ -25,6 +25,38 @@ def test_auto_threshold(spy):
         assert spy[-1] == path, t_len
 
 
+def test_recurrent_max_tokens_by_dtype_and_head_dim():
+    """fp32 on Triton keeps the token loop longer (its chunked products are 3xTF32), the more so
+    at larger K; every other backend and dtype takes RECURRENT_MAX_TOKENS."""
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for dim in (32, 64, 128, 256):
+            assert fd.recurrent_max_tokens("torch", dtype, dim) == fd.RECURRENT_MAX_TOKENS["torch"]
+            if dtype != torch.float32:
+                assert fd.recurrent_max_tokens("triton", dtype, dim) == fd.RECURRENT_MAX_TOKENS["triton"]
+    fp32 = [fd.recurrent_max_tokens("triton", torch.float32, dim) for dim in (32, 64, 96, 128, 256)]
+    assert fp32 == [256, 256, 1024, 1024, float("inf")]
+
+
+@pytest.mark.parametrize("dtype, dim, t_len, path", [
+    (torch.bfloat16, 128, 256, "recurrent"), (torch.bfloat16, 128, 257, "chunk"),
+    (torch.float32, 128, 1024, "recurrent"), (torch.float32, 128, 1025, "chunk"),
+    (torch.float32, 64, 257, "chunk"), (torch.float32, 256, 4096, "recurrent")])
+def test_auto_threshold_triton(monkeypatch, dtype, dim, t_len, path):
+    """The Triton backend's choice in `gated_delta_rule` (both paths replaced by spies: only the
+    decision is under test, on any machine)."""
+    seen = []
+
+    def spy(name):
+        return lambda q, k, v, *a, **kw: seen.append(name) or (torch.empty_like(v), None)
+
+    fake = fd.backends.Backend("triton", spy("chunk"), spy("recurrent"), None)
+    monkeypatch.setattr(fd.backends, "select", lambda backend, device: fake)
+    monkeypatch.delenv("FLASHDELTA_MODE", raising=False)
+    case = make_case("random", dtype, seq_len=t_len, heads=1, dk=dim)
+    fd.gated_delta_rule(*case.args(), backend="triton")
+    assert seen == [path]
+
+
 def test_auto_uses_tokens_per_sequence_with_varlen(spy):
     # 64 single-token sequences packed in one call: decode-like, so recurrent.
     case = make_case("random", batch=1, seq_len=64)
