@@ -1039,6 +1039,12 @@ def _launch_config(dtype, dk, dv, group, hv, use_qk_l2norm, many_programs, tunin
     stages = min(fits, tuning["stages"] or (1 if many_programs and bv == 64 else 2))
     map_stages = min(fits, tuning["stages_map"] or stages)
     warps = 4 if interpret else tuning["warps_recurrence"]
+    if dtype == torch.float32 and bv <= 16 and warps >= 8:
+        # (H100, Triton 3.6, K = 256: the output pass's 3xTF32 products then read 512 B past their
+        # shared buffer, compute-sanitizer memcheck; the default 32 columns at 4 warps, 16 at 4 and
+        # 32 at 8 run clean. NOTES.md v5.15)
+        raise ValueError("TUNING: fp32 inputs with block_v 16 at 8 warps fault in Triton 3.6 (invalid shared "
+                         "reads); use 4 warps or block_v >= 32")
     # the inputs whose products take bf16 operands on the GPU (common.dot_dtype); the choices
     # below follow the inputs, not DOT, so that the interpreter (fp32 products) checks their data paths
     half = dtype in (torch.bfloat16, torch.float16)

@@ -454,6 +454,25 @@ def test_register_saving_orders_are_exact(kind, knobs, seed, device, monkeypatch
     assert_same_rounding(case, (o0, s0), (o1, s1))
 
 
+def test_launch_rule_refuses_the_fp32_launch_that_faults(monkeypatch):
+    """fp32 inputs at 16-column state blocks and 8 warps read past a shared buffer on the H100
+    (Triton 3.6; compute-sanitizer, NOTES.md v5.15): the launch rule refuses them with a clear
+    error before any kernel runs, and keeps the neighbours that run clean."""
+    from flashdelta.triton import chunk as tc
+
+    monkeypatch.setitem(tc.TUNING, "block_v", 16)
+    monkeypatch.setitem(tc.TUNING, "warps_recurrence", 8)
+    items = tuple(tc.TUNING.items())
+    with pytest.raises(ValueError, match="block_v 16 at 8 warps"):
+        tc._launch_config(torch.float32, 256, 256, 1, 16, False, False, items, False)
+    tc._launch_config(torch.bfloat16, 256, 256, 1, 16, False, False, items, False)
+    tc._launch_config(torch.float32, 256, 256, 1, 16, False, False, items, True)  # (the interpreter: 4 warps)
+    for block_v, warps in ((16, 4), (32, 8), (None, 4)):
+        monkeypatch.setitem(tc.TUNING, "block_v", block_v)
+        monkeypatch.setitem(tc.TUNING, "warps_recurrence", warps)
+        tc._launch_config(torch.float32, 256, 256, 1, 16, False, False, tuple(tc.TUNING.items()), False)
+
+
 def test_register_saving_orders_only_where_timed():
     """On by default for bf16 inputs (K = 64 to 256, each timed faster); off for fp16 inputs
     (+31% at K = 128) and fp32 operands (not timed)."""
