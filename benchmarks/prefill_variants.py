@@ -84,6 +84,10 @@ VARIANTS = [
     {"gluon_single": 1},  # 58: K S and Q S
     {"gluon_single": 2},  # 59: also A U and K^T U~ (only T_u X split)
     {"gluon_single": 3},  # 60: every product single (FLA's precision)
+    # 61-63: single bf16 products in the transposed map pass (chunk_sm90._map_kernel_t SINGLE: v5.16)
+    {"gluon_map_single": 1},  # 61: the maps' K S (fails the state goal on learned_values: 1.4e-3)
+    {"gluon_single": 2, "gluon_map_single": 2},  # 62: both passes under FLA's error
+    {"gluon_single": 3, "gluon_map_single": 3},  # 63: every product single in both
 ]
 SHAPES = [("1x8K 16/16", [8192], 16, 16), ("1x32K 16/16", [32768], 16, 16), ("8x4K 16/32", [4096] * 8, 16, 32)]
 ERROR_KINDS = ["random", "near_identical_keys", "strong_decay", "zero_decay", "large_initial_state"]

@@ -125,6 +125,16 @@ def make_case(kind: str, dtype=torch.float32, device="cpu", seed: int = 0, seq_l
         pass  # shapes come from the arguments (the case table sets HV = 2H, K != V)
     elif kind == "large_initial_state":
         kwargs["initial_state"] = 100.0 * randn(b, hv, dk, dv)
+    elif kind == "learned_values":
+        # v = W k (one fixed W per value head): the state learns W, so the residual V - K S falls
+        # toward 0 and a rounding of K S is large against it; no decay, and the last eighth of
+        # the tokens make no update (beta = 0), so nothing after the first 7/8 corrects the state
+        # (NOTES.md v5.16: one bf16 product of the maps' K S passes every other kind, not this one)
+        w = randn(hv, dk, dv)
+        v = torch.einsum("bthk,hkv->bthv", k.repeat_interleave(hv // heads, dim=2), w).contiguous()
+        g = torch.zeros(b, t_len, hv)
+        beta = 0.5 + 0.5 * rand(b, t_len, hv)
+        beta[:, t_len - t_len // 8:] = 0.0
     elif kind == "varlen":
         lens = VARLEN_LENS
         total = sum(lens)
@@ -163,7 +173,7 @@ def raw_norms_case(case: Case, seed: int) -> Case:
 
 
 CASE_KINDS = ("random", "l2norm_in_kernel", "near_identical_keys", "cyclic_keys", "strong_decay", "zero_decay",
-              "beta_0_2", "gva_k_ne_v", "large_initial_state", "varlen")
+              "beta_0_2", "gva_k_ne_v", "large_initial_state", "varlen", "learned_values")
 
 
 def parity_cases(dtypes=(torch.float32, torch.bfloat16), device="cpu", seed: int = 0,

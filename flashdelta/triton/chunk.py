@@ -770,6 +770,9 @@ TUNING = {
     # K^T U~, 3 every product, FLA's precision; the map pass keeps its splits). 0: the splits
     # (the exactness goal); NOTES.md v5.15 has each level's time and error
     "gluon_single": 0,
+    # the same experiment in the bf16 transposed map pass (chunk_sm90._map_kernel_t SINGLE: 1 K S,
+    # 2 also U~^T K, 3 every product); 0: the splits. NOTES.md v5.16
+    "gluon_map_single": 0,
     # the Gluon map pass on transposed tiles (chunk_sm90._map_kernel_t: X's and U~'s pairs as
     # register operands, one shared-memory round per step instead of three, T_u double-buffered).
     # Bitwise the same maps; H100: map pass -5 to -8%, shared-memory wavefronts -30% (NOTES.md
@@ -1178,6 +1181,17 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     else:
         seqs = tuple((b, 0, t_len) for b in range(bsz))
     num_seqs = len(seqs)
+    # (the public op validates the inputs; the preallocated outputs only come here: a wrong size
+    # would be written past, NOTES.md v5.16)
+    # (o is written through its strides, unit stride in its last dim; the state is written dense)
+    for name, buf, shape, dtype, dense in (("out", out, (bsz, t_len, hv, dv), q.dtype, False),
+                                           ("final_state_out", final_state_out, (num_seqs, hv, dk, dv),
+                                            torch.float32, True)):
+        if buf is not None and (tuple(buf.shape) != shape or buf.dtype != dtype or buf.device != device
+                                or (buf.is_contiguous() if dense else buf.stride(3) == 1) is False):
+            raise ValueError(f"{name}: expected a {dtype} tensor of shape {shape} on {device} "
+                             f"({'contiguous' if dense else 'unit stride in the last dim'}), "
+                             f"got {buf.dtype} {tuple(buf.shape)} strides {buf.stride()} on {buf.device}")
     sites, device_index = call_sites(TUNING["fast_launch"], device, (q, k, v, g, beta, initial_state, out,
                                                                       final_state_out),
                                      "chunk", seqs, partition_chunks, bool(output_final_state), bool(use_qk_l2norm),
@@ -1304,7 +1318,8 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             if plan["num_maps"] and gluon:
                 chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, plan["num_maps"], hv, group,
-                                    warm=warm_table, transposed=transposed_map, **gluon_kw)
+                                    warm=warm_table, transposed=transposed_map, single=TUNING["gluon_map_single"],
+                                    **gluon_kw)
             elif plan["num_maps"] and gluon_out and TUNING["gluon_map_256"]:
                 chunk_sm90.map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, plan["num_maps"], hv, group,
                                     warm=warm_table, **out_kw)

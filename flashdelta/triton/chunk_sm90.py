@@ -842,6 +842,7 @@ def _map_kernel_t(
     k_desc, v_desc, t_desc, gcum_ptr, map_d_ptr, map_m_ptr, part_ptr, warm_ptr, s_cb, s_ct, s_ch, t_total,
     HV: gl.constexpr, GROUP: gl.constexpr, K: gl.constexpr, V: gl.constexpr,
     PACKED_SPLIT: gl.constexpr = True, WARM: gl.constexpr = False, L2NORM: gl.constexpr = False,
+    SINGLE: gl.constexpr = 0,
 ):
     """The map pass on transposed tiles (`TUNING["gluon_map_transposed"]`), as `_output_kernel_t`
     for the output pass: the columns of D (values, zero start) and of M (start I, v = 0) held
@@ -853,7 +854,10 @@ def _map_kernel_t(
     less shared-memory traffic (ncu). T_u is double-buffered as k (107 KB, two per SM still fit):
     the next chunk's is fetched a whole step ahead. The same products of the same pairs in the
     same order: bitwise `_recurrence_kernel`'s maps. Grid and arguments as `_recurrence_kernel`
-    with MAP (L2NORM: v's tokens times gcum's NORM_K)."""
+    with MAP (L2NORM: v's tokens times gcum's NORM_K).
+    SINGLE (an experiment, as `_recurrence_kernel`'s: NOTES.md v5.16) takes the hi of an fp32
+    operand alone: 1 K S, 2 also U~^T K, 3 also X^T T_u^T (every product single; T_u's lo tile is
+    still loaded)."""
     C: gl.constexpr = 64
     BV: gl.constexpr = 64
     NVB: gl.constexpr = V // BV
@@ -946,7 +950,8 @@ def _map_kernel_t(
         mbarrier.wait(bar_k.index(buf), (c // 2) & 1)
         k_t = k_cur.permute((1, 0))
         ks = warpgroup_mma(sh_smem, k_t, zero, use_acc=False, is_async=True)
-        ks = warpgroup_mma(sl_smem, k_t, ks, is_async=True)
+        if SINGLE < 1:
+            ks = warpgroup_mma(sl_smem, k_t, ks, is_async=True)
         g_hi_c = gl.convert_layout(g_hi, col_l)
         g_lo_c = gl.convert_layout(g_lo, col_l)
         ks = warpgroup_mma_wait(num_outstanding=0, deps=(ks,))
@@ -967,8 +972,9 @@ def _map_kernel_t(
         # U^T = X^T T_u^T (three products of the pairs)
         mbarrier.wait(bar_t.index(buf), (c // 2) & 1)
         u = warpgroup_mma(x_hi, th_smem.permute((1, 0)), zero, use_acc=False, is_async=True)
-        u = warpgroup_mma(x_hi, tl_smem.permute((1, 0)), u, is_async=True)
-        u = warpgroup_mma(x_lo, th_smem.permute((1, 0)), u, is_async=True)
+        if SINGLE < 3:
+            u = warpgroup_mma(x_hi, tl_smem.permute((1, 0)), u, is_async=True)
+            u = warpgroup_mma(x_lo, th_smem.permute((1, 0)), u, is_async=True)
         u, x_hi, x_lo = warpgroup_mma_wait(num_outstanding=0, deps=(u, x_hi, x_lo))
         # columns past the chunk's tokens are zero (TMA reads the next sequence's rows there)
         u = gl.where((ct < n)[None, :], u, 0.0)
@@ -979,11 +985,15 @@ def _map_kernel_t(
 
         # S'^T = e^{G_C} S^T + U~^T K, its pair over the old one (whose reader, K S, is done)
         state = warpgroup_mma(ut_hi, k_cur, state * gl.exp2(last_hi + last_lo), is_async=True)
-        state = warpgroup_mma(ut_lo, k_cur, state, is_async=True)
+        if SINGLE < 2:
+            state = warpgroup_mma(ut_lo, k_cur, state, is_async=True)
         state, ut_hi, ut_lo = warpgroup_mma_wait(num_outstanding=0, deps=(state, ut_hi, ut_lo))
-        s_hi, s_lo = _hi_lo(state, PACKED_SPLIT)
-        sh_smem.store(s_hi)
-        sl_smem.store(s_lo)
+        if SINGLE < 1:
+            s_hi, s_lo = _hi_lo(state, PACKED_SPLIT)
+            sh_smem.store(s_hi)
+            sl_smem.store(s_lo)
+        else:  # (the prologue's lo tile is never read)
+            sh_smem.store(state.to(gl.bfloat16))
         fence_async_shared()
         gl.thread_barrier()  # (the pair is in place, and k's buffer is read: the next step refills it)
 
@@ -1063,20 +1073,23 @@ def descriptors(q, k, v, tinv, block_v: int = BLOCK_V) -> tuple:
 
 def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps: int, hv: int, group: int,
              packed_split: bool = True, descs=None, warm=None, sites=None, device_index: int = 0,
-             transposed: bool = False, l2norm: bool = False, block_v: int = BLOCK_V):
+             transposed: bool = False, l2norm: bool = False, block_v: int = BLOCK_V, single: int = 0):
     """The affine state map (M, D) of each partition in `maps` but the last of a sequence:
     map_d [maps, HV, K, V], map_m [maps, HV, K, K] are written. `descs`: `descriptors(q, k,
     v, tinv)` when the caller has them. `warm`: chunk._warm_start_kernel's table, or None
     (every map in full). `sites`: the call layout's compiled kernels (`launch.launch`).
     `transposed`: `_map_kernel_t` (the same maps, bitwise) instead of `_recurrence_kernel`.
     `l2norm`: the in-kernel L2 norm, folded (gcum's four fields, module doc). `block_v`: the
-    state's column block (`_recurrence_kernel` only; `descs` with v's tiles that wide)."""
+    state's column block (`_recurrence_kernel` only; `descs` with v's tiles that wide). `single`:
+    `_map_kernel_t`'s SINGLE (an experiment: bf16 and transposed only)."""
     dk, dv = q.shape[3], v.shape[3]
+    if single and (q.dtype != torch.bfloat16 or not transposed):
+        raise ValueError("single products are built for the bf16 transposed map pass only")
     if transposed:
         launch(sites, "map pass", _map_kernel_t, (num_maps * hv * (dv // BLOCK_V + dk // BLOCK_V),), (
             *(descs or descriptors(q, k, v, tinv))[1:], gcum, map_d, map_m, maps, warm, *gcum.stride()[:3],
             q.shape[1]), dict(HV=hv, GROUP=group, K=dk, V=dv, PACKED_SPLIT=packed_split, WARM=warm is not None,
-                              L2NORM=l2norm, num_warps=NUM_WARPS), device_index)
+                              L2NORM=l2norm, SINGLE=single, num_warps=NUM_WARPS), device_index)
         return
     launch(sites, "map pass", _recurrence_kernel, (num_maps * hv * (dv // block_v + dk // block_v),), (
         *(descs or descriptors(q, k, v, tinv, block_v)), gcum, None, None, None, map_d, map_m, maps, warm,

@@ -10,7 +10,7 @@ from flashdelta.triton.chunk import chunk_gated_delta_rule_fwd
 pytest.importorskip("triton")
 
 KINDS = ["random", "l2norm_in_kernel", "near_identical_keys", "cyclic_keys", "strong_decay", "zero_decay",
-         "beta_0_2", "gva_k_ne_v", "large_initial_state", "varlen"]
+         "beta_0_2", "gva_k_ne_v", "large_initial_state", "varlen", "learned_values"]
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -98,7 +98,8 @@ def test_folded_l2norm(kind, dtype, partition_chunks, seed, device):
 
 @pytest.mark.parametrize("lead", [False, True, "adaptive"])
 @pytest.mark.parametrize("partition_chunks", [1, 2])
-@pytest.mark.parametrize("kind", ["random", "large_initial_state", "strong_decay", "near_identical_keys"])
+@pytest.mark.parametrize("kind", ["random", "large_initial_state", "strong_decay", "near_identical_keys",
+                                  "learned_values"])
 def test_partitioned_is_exact(kind, partition_chunks, lead, seed, device, monkeypatch):
     """P > 1 at T ~ 300: the affine state maps and the chain give the unpartitioned answer,
     with each sequence's first partition in the chain or in the lead pass."""
@@ -666,3 +667,18 @@ def test_lead_plan_tables():
     assert led["chains"].tolist() == [[0, 3, 0, 0], [3, 1, 1, 1], [4, 1, 1, 2]]
     assert plain["chains"].tolist() == [[0, 3, 0, 0], [3, 1, 2, 1], [4, 1, 2, 2]]
     assert led["partitioned"] and not tc._plan(seqs, 10, torch.device("cpu"), True)["partitioned"]
+
+
+@pytest.mark.parametrize("which", ["final_state_out", "out"])
+def test_preallocated_outputs_of_the_wrong_size_are_refused(which, device):
+    """`out` / `final_state_out` sized for fewer sequences (or tokens) than the call writes: a
+    ValueError naming the argument, nothing written (a GPU run once wrote past such a state buffer
+    and took the CUDA context down: NOTES.md v5.16)."""
+    case = make_case("random", torch.bfloat16, device, seq_len=70, batch=2)
+    hv, dk, dv = case.v.shape[2], case.q.shape[3], case.v.shape[3]
+    bufs = dict(out=torch.full_like(case.v, float("nan")),
+                final_state_out=torch.full((2, hv, dk, dv), float("nan"), device=case.q.device))
+    bufs[which] = bufs[which][:1].clone()  # one sequence's worth
+    with pytest.raises(ValueError, match=which):
+        chunk_gated_delta_rule_fwd(*case.args(), dk**-0.5, None, True, **bufs)
+    assert all(torch.isnan(b).all() for b in bufs.values())

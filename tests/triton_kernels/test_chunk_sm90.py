@@ -158,7 +158,8 @@ def test_prefill_routes_its_passes_to_gluon(monkeypatch, partition_chunks, out, 
     calls = {}
 
     def map_pass(q, k, v, gcum, tinv, map_d, map_m, maps, num_maps, hv, group, packed_split, descs, warm,
-                 sites=None, device_index=0, transposed=False, l2norm=False):
+                 sites=None, device_index=0, transposed=False, l2norm=False, single=0):
+        assert single == 0  # (the single-product experiment is off unless TUNING asks for it)
         calls["map_l2norm"] = l2norm
         calls["map_descs"] = descs
         calls["map_transposed"] = transposed

@@ -218,3 +218,40 @@ def test_gluon_single_product_levels():
         assert 233472 // (r["shared"] + 1024) >= chunk_sm90.PROGRAMS_PER_SM, r
         if "registers" in r:
             assert r["registers"] <= 255 and r["stack"] <= 64, r
+
+
+def test_gluon_map_single_product_levels():
+    """TUNING["gluon_map_single"] (chunk_sm90._map_kernel_t SINGLE, an experiment: NOTES.md v5.16) takes
+    away the products it names and nothing else: each level issues fewer wgmma than the one before
+    (the split pass 7 products per step: 2 K S, 3 X T_u, 2 U~ K; levels 1-3: 6, 5, 3), stays within the
+    two programs per SM of the split pass, and level 0 is the committed map pass (the same PTX as the
+    default launch's)."""
+    from flashdelta.triton import chunk_sm90
+
+    code = ("import json; from flashdelta.triton import aot, chunk as tc, chunk_sm90 as g\n"
+            "warm = tc.TUNING['skip_negligible_maps']\n"
+            "for lv in (0, 1, 2, 3):\n"
+            "    mode = dict(HV=32, V=128, PACKED_SPLIT=tc.TUNING['gluon_packed_split'], WARM=warm, L2NORM=False,\n"
+            "                **({} if warm else {'warm_ptr': None}))\n"
+            "    if lv:\n"
+            "        mode['SINGLE'] = lv\n"
+            "    k = aot.compile_gluon(g._map_kernel_t, mode, common=False)\n"
+            "    ptx = k.asm['ptx']\n"
+            "    body = '\\n'.join(x for x in ptx.splitlines() if '.loc' not in x and '.file' not in x)\n"
+            "    print(json.dumps(dict(kernel=lv, shared=k.metadata.shared, wgmma=ptx.count('wgmma.mma_async'),\n"
+            "                          body=hash(body), **aot.registers(k))))\n"
+            "for name, k in aot.sm90_kernels():\n"
+            "    if name == 'gluon transposed map pass':\n"
+            "        ptx = k.asm['ptx']\n"
+            "        body = '\\n'.join(x for x in ptx.splitlines() if '.loc' not in x and '.file' not in x)\n"
+            "        print(json.dumps(dict(kernel='default', body=hash(body))))\n")
+    rows = _kernel_rows(code)
+    levels = [rows[lv] for lv in (0, 1, 2, 3)]
+    assert levels[0]["body"] == rows["default"]["body"]
+    for lo, hi in zip(levels[1:], levels[:-1]):  # (PTX wgmma instructions: one per 16-deep slice of a product)
+        assert lo["wgmma"] < hi["wgmma"], (lo, hi)
+        assert lo["shared"] <= hi["shared"], (lo, hi)
+    for r in levels:
+        assert 233472 // (r["shared"] + 1024) >= chunk_sm90.PROGRAMS_PER_SM, r
+        if "registers" in r:
+            assert r["registers"] <= 255 and r["stack"] <= 64, r
