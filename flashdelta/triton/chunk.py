@@ -1181,14 +1181,13 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     else:
         seqs = tuple((b, 0, t_len) for b in range(bsz))
     num_seqs = len(seqs)
-    # (the public op validates the inputs; the preallocated outputs only come here: a wrong size
-    # would be written past, NOTES.md v5.16)
-    # (o is written through its strides, unit stride in its last dim; the state is written dense)
+    # (the public op validates the inputs, but the preallocated outputs only come here, and a wrong
+    # size would be written past: NOTES.md v5.16. o is written through its strides, the state dense)
     for name, buf, shape, dtype, dense in (("out", out, (bsz, t_len, hv, dv), q.dtype, False),
                                            ("final_state_out", final_state_out, (num_seqs, hv, dk, dv),
                                             torch.float32, True)):
         if buf is not None and (tuple(buf.shape) != shape or buf.dtype != dtype or buf.device != device
-                                or (buf.is_contiguous() if dense else buf.stride(3) == 1) is False):
+                                or not (buf.is_contiguous() if dense else buf.stride(3) == 1)):
             raise ValueError(f"{name}: expected a {dtype} tensor of shape {shape} on {device} "
                              f"({'contiguous' if dense else 'unit stride in the last dim'}), "
                              f"got {buf.dtype} {tuple(buf.shape)} strides {buf.stride()} on {buf.device}")
