@@ -183,31 +183,23 @@ def test_gluon_kernels_fp16_fit_as_bf16():
                 assert r["stack"] <= (32 if "256" in name else 192), r
 
 
-def test_gluon_single_product_levels():
-    """TUNING["gluon_single"] (chunk_sm90 SINGLE, an experiment: NOTES.md v5.15) takes away the
-    products it names and nothing else: each level issues fewer wgmma than the one before, stays
-    within the two programs per SM of the split pass, and level 0 is the committed pass (the same
-    PTX as the default launch)."""
+def _check_single_levels(setup: str, compile_level: str, default_name: str, restore: str = ""):
+    """Compile a pass at SINGLE levels 0-3 (`setup` once, then `compile_level` per level `lv`: it sets
+    `k`) and the default launch's kernel `default_name` (after `restore`), and check that each level
+    takes away products and nothing else: fewer wgmma than the level before, no more shared memory,
+    the two programs per SM of the split pass, and level 0's PTX the default launch's."""
     from flashdelta.triton import chunk_sm90
 
-    code = ("import json; from flashdelta.triton import aot, chunk as tc, chunk_sm90 as g\n"
-            "for lv in (0, 1, 2, 3):\n"
-            "    tc.TUNING['gluon_split_qs'] = lv == 0\n"
-            "    mode = dict(MAP=False, HAS_STATE_IN=True, STORE_FINAL=True, WARM=False, MAY_BE_EMPTY=False,\n"
-            "                warm_ptr=None, O_TMA=True, WIDE_KS=lv == 0)\n"
-            "    if lv:\n"
-            "        mode['SINGLE'] = lv\n"
-            "    k = aot.compile_gluon(g._recurrence_kernel, mode)\n"
+    body = "'\\n'.join(x for x in ptx.splitlines() if '.loc' not in x and '.file' not in x)"
+    code = ("import json; from flashdelta.triton import aot, chunk as tc, chunk_sm90 as g\n" + setup +
+            "for lv in (0, 1, 2, 3):\n" + compile_level +
             "    ptx = k.asm['ptx']\n"
-            "    body = '\\n'.join(x for x in ptx.splitlines() if '.loc' not in x and '.file' not in x)\n"
-            "    print(json.dumps(dict(kernel=lv, shared=k.metadata.shared, wgmma=ptx.count('wgmma.mma_async'),\n"
-            "                          body=hash(body), **aot.registers(k))))\n"
-            "tc.TUNING['gluon_split_qs'] = True\n"
+            f"    print(json.dumps(dict(kernel=lv, shared=k.metadata.shared, wgmma=ptx.count('wgmma.mma_async'),\n"
+            f"                          body=hash({body}), **aot.registers(k))))\n" + restore +
             "for name, k in aot.sm90_kernels():\n"
-            "    if name == 'gluon output pass':\n"
+            f"    if name == {default_name!r}:\n"
             "        ptx = k.asm['ptx']\n"
-            "        body = '\\n'.join(x for x in ptx.splitlines() if '.loc' not in x and '.file' not in x)\n"
-            "        print(json.dumps(dict(kernel='default', body=hash(body))))\n")
+            f"        print(json.dumps(dict(kernel='default', body=hash({body}))))\n")
     rows = _kernel_rows(code)
     levels = [rows[lv] for lv in (0, 1, 2, 3)]
     assert levels[0]["body"] == rows["default"]["body"]
@@ -218,40 +210,31 @@ def test_gluon_single_product_levels():
         assert 233472 // (r["shared"] + 1024) >= chunk_sm90.PROGRAMS_PER_SM, r
         if "registers" in r:
             assert r["registers"] <= 255 and r["stack"] <= 64, r
+
+
+def test_gluon_single_product_levels():
+    """TUNING["gluon_single"] (chunk_sm90 SINGLE, an experiment: NOTES.md v5.15) takes away the
+    products it names and nothing else (`_check_single_levels`)."""
+    _check_single_levels(
+        "",
+        "    tc.TUNING['gluon_split_qs'] = lv == 0\n"
+        "    mode = dict(MAP=False, HAS_STATE_IN=True, STORE_FINAL=True, WARM=False, MAY_BE_EMPTY=False,\n"
+        "                warm_ptr=None, O_TMA=True, WIDE_KS=lv == 0)\n"
+        "    if lv:\n"
+        "        mode['SINGLE'] = lv\n"
+        "    k = aot.compile_gluon(g._recurrence_kernel, mode)\n",
+        "gluon output pass", restore="tc.TUNING['gluon_split_qs'] = True\n")
 
 
 def test_gluon_map_single_product_levels():
     """TUNING["gluon_map_single"] (chunk_sm90._map_kernel_t SINGLE, an experiment: NOTES.md v5.16) takes
-    away the products it names and nothing else: each level issues fewer wgmma than the one before
-    (the split pass 7 products per step: 2 K S, 3 X T_u, 2 U~ K; levels 1-3: 6, 5, 3), stays within the
-    two programs per SM of the split pass, and level 0 is the committed map pass (the same PTX as the
-    default launch's)."""
-    from flashdelta.triton import chunk_sm90
-
-    code = ("import json; from flashdelta.triton import aot, chunk as tc, chunk_sm90 as g\n"
-            "warm = tc.TUNING['skip_negligible_maps']\n"
-            "for lv in (0, 1, 2, 3):\n"
-            "    mode = dict(HV=32, V=128, PACKED_SPLIT=tc.TUNING['gluon_packed_split'], WARM=warm, L2NORM=False,\n"
-            "                **({} if warm else {'warm_ptr': None}))\n"
-            "    if lv:\n"
-            "        mode['SINGLE'] = lv\n"
-            "    k = aot.compile_gluon(g._map_kernel_t, mode, common=False)\n"
-            "    ptx = k.asm['ptx']\n"
-            "    body = '\\n'.join(x for x in ptx.splitlines() if '.loc' not in x and '.file' not in x)\n"
-            "    print(json.dumps(dict(kernel=lv, shared=k.metadata.shared, wgmma=ptx.count('wgmma.mma_async'),\n"
-            "                          body=hash(body), **aot.registers(k))))\n"
-            "for name, k in aot.sm90_kernels():\n"
-            "    if name == 'gluon transposed map pass':\n"
-            "        ptx = k.asm['ptx']\n"
-            "        body = '\\n'.join(x for x in ptx.splitlines() if '.loc' not in x and '.file' not in x)\n"
-            "        print(json.dumps(dict(kernel='default', body=hash(body))))\n")
-    rows = _kernel_rows(code)
-    levels = [rows[lv] for lv in (0, 1, 2, 3)]
-    assert levels[0]["body"] == rows["default"]["body"]
-    for lo, hi in zip(levels[1:], levels[:-1]):  # (PTX wgmma instructions: one per 16-deep slice of a product)
-        assert lo["wgmma"] < hi["wgmma"], (lo, hi)
-        assert lo["shared"] <= hi["shared"], (lo, hi)
-    for r in levels:
-        assert 233472 // (r["shared"] + 1024) >= chunk_sm90.PROGRAMS_PER_SM, r
-        if "registers" in r:
-            assert r["registers"] <= 255 and r["stack"] <= 64, r
+    away the products it names and nothing else (`_check_single_levels`; the split pass issues 7
+    products per step: 2 K S, 3 X T_u, 2 U~ K; levels 1-3: 6, 5, 3)."""
+    _check_single_levels(
+        "warm = tc.TUNING['skip_negligible_maps']\n",
+        "    mode = dict(HV=32, V=128, PACKED_SPLIT=tc.TUNING['gluon_packed_split'], WARM=warm, L2NORM=False,\n"
+        "                **({} if warm else {'warm_ptr': None}))\n"
+        "    if lv:\n"
+        "        mode['SINGLE'] = lv\n"
+        "    k = aot.compile_gluon(g._map_kernel_t, mode, common=False)\n",
+        "gluon transposed map pass")
