@@ -242,8 +242,9 @@ MAP_SINGLE_BOUNDS = {1: (2e-3, 2e-3), 2: (3e-3, 3e-3), 3: (1e-2, 1e-2)}
 def test_map_single_product_levels(level, kind, monkeypatch):
     """TUNING["gluon_map_single"], an experiment (chunk_sm90._map_kernel_t SINGLE) over eight partitions
     without decay (every map runs): each level's o and state within the errors its single products
-    make, learned_values far above the splits' error (the case that shows it: a dropped or
-    unfinished product is far above every bound); bitwise the same twice; outputs poisoned first."""
+    make (a dropped or unfinished product is far above every bound), and on learned_values far above
+    the splits' error (the case tells the levels from the splits); bitwise the same twice; outputs
+    poisoned first."""
     from flashdelta.triton import chunk as tc
 
     case = make_case(kind, torch.bfloat16, "cuda", seed=8, seq_len=8192, batch=1, heads=2, value_heads=4, dk=128)
